@@ -1,0 +1,1 @@
+"""Audio loading, features, tokenizers, manifests and the default corpus."""

@@ -1,0 +1,285 @@
+"""NeMo-style JSONL manifests, validated line by line, and the dataset over them."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import soundfile as sf
+import torch
+from torch.utils.data import Dataset
+
+from asrkd.data.audio_processing import SAMPLE_RATE, load_audio, speed_perturb
+from asrkd.data.tokenizer import PAD_ID, Tokenizer
+
+log = logging.getLogger(__name__)
+
+
+class ManifestError(ValueError):
+    """A manifest line that cannot be used; the message names the manifest, line and problem."""
+
+
+@dataclass(frozen=True)
+class ManifestEntry:
+    """One validated manifest line."""
+
+    audio_filepath: Path
+    duration: float
+    text: str | None
+    offset: float = 0.0
+    speaker: str | None = None
+    line: int = 0
+
+
+@dataclass
+class ManifestReport:
+    """What reading a manifest kept, filtered and skipped (and why)."""
+
+    path: Path
+    kept: int = 0
+    filtered_short: int = 0
+    filtered_long: int = 0
+    skipped: Counter = field(default_factory=Counter)
+    first_problems: list[str] = field(default_factory=list)
+
+    @property
+    def skipped_total(self) -> int:
+        return sum(self.skipped.values())
+
+    def summary(self) -> str:
+        parts = [f"{self.path}: kept {self.kept}"]
+        if self.filtered_short or self.filtered_long:
+            parts.append(
+                f"filtered {self.filtered_short} too short, {self.filtered_long} too long"
+            )
+        if self.skipped_total:
+            reasons = ", ".join(f"{n} {why}" for why, n in self.skipped.most_common())
+            parts.append(f"skipped {self.skipped_total} bad lines ({reasons})")
+            parts.append("first: " + "; ".join(self.first_problems))
+        return "; ".join(parts)
+
+
+def _check_line(
+    record: object, manifest: Path, require_text: bool, check_audio: bool
+) -> tuple[ManifestEntry | None, str | None, str | None]:
+    """Validate one parsed line. Returns (entry, None, None) or (None, reason, detail)."""
+    if not isinstance(record, dict):
+        return None, "not an object", f"expected a JSON object, got {type(record).__name__}"
+    required = ["audio_filepath", "duration"] + (["text"] if require_text else [])
+    missing = [key for key in required if key not in record]
+    if missing:
+        return None, "missing key", f"missing key(s) {', '.join(missing)}"
+    path_value, duration = record["audio_filepath"], record["duration"]
+    if not isinstance(path_value, str) or not path_value:
+        return None, "wrong type", "audio_filepath must be a non-empty string"
+    if isinstance(duration, bool) or not isinstance(duration, (int, float)):
+        return None, "wrong type", f"duration must be a number, got {duration!r}"
+    if not math.isfinite(duration) or duration <= 0:
+        return None, "bad duration", f"duration must be positive, got {duration!r}"
+    offset = record.get("offset", 0.0) or 0.0
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or offset < 0:
+        return None, "wrong type", f"offset must be a non-negative number, got {offset!r}"
+    text = record.get("text")
+    if text is not None and not isinstance(text, str):
+        return None, "wrong type", f"text must be a string, got {type(text).__name__}"
+    if require_text and not (text or "").strip():
+        return None, "empty text", "text is empty"
+    speaker = record.get("speaker")
+    audio_path = Path(path_value)
+    if not audio_path.is_absolute():
+        audio_path = (manifest.parent / audio_path).resolve()
+        if not audio_path.is_relative_to(manifest.parent.resolve()):
+            return None, "path outside manifest folder", (
+                f"relative audio_filepath {path_value!r} points outside the manifest's folder; "
+                "use an absolute path"
+            )
+    if check_audio:
+        if not audio_path.is_file():
+            return None, "missing file", f"audio file {audio_path} not found"
+        try:
+            info = sf.info(str(audio_path))
+        except (sf.LibsndfileError, RuntimeError) as error:
+            return None, "unreadable audio", f"cannot read {audio_path} ({error})"
+        if info.frames == 0:
+            return None, "empty audio", f"{audio_path} holds no samples"
+    entry = ManifestEntry(
+        audio_filepath=audio_path,
+        duration=float(duration),
+        text=text.strip() if isinstance(text, str) else None,
+        offset=float(offset),
+        speaker=None if speaker is None else str(speaker),
+    )
+    return entry, None, None
+
+
+def read_manifest(
+    path: str | Path,
+    strict: bool = True,
+    min_duration: float | None = None,
+    max_duration: float | None = None,
+    require_text: bool = True,
+    check_audio: bool = True,
+) -> tuple[list[ManifestEntry], ManifestReport]:
+    """Read and validate a JSONL manifest.
+
+    Each line is a JSON object with ``audio_filepath`` (absolute, or relative to the manifest's
+    folder), ``duration`` (seconds), ``text`` (unless ``require_text=False``, for unlabelled
+    audio), and optionally ``offset`` and ``speaker``. Blank lines are ignored.
+
+    With ``strict`` a bad line raises :class:`ManifestError` naming the manifest, the line
+    number and the problem; otherwise bad lines are skipped, counted in the report, and logged
+    once as a summary. Lines outside ``[min_duration, max_duration]`` are filtered (counted,
+    not errors).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found")
+    report = ManifestReport(path=path)
+    entries: list[ManifestEntry] = []
+    raw = path.read_bytes()
+    for number, raw_line in enumerate(raw.splitlines(), start=1):
+        if not raw_line.strip():
+            continue
+        entry, reason, detail = None, None, None
+        try:
+            line = raw_line.decode("utf-8")
+        except UnicodeDecodeError as error:
+            reason, detail = "not UTF-8", f"line is not valid UTF-8 ({error.reason})"
+        else:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                reason, detail = "broken JSON", f"broken JSON ({error.msg} at column {error.colno})"
+            else:
+                entry, reason, detail = _check_line(record, path, require_text, check_audio)
+        if entry is None:
+            message = f"{path}, line {number}: {detail}"
+            if strict:
+                raise ManifestError(message + " (fix the line, or set strict: false to skip it)")
+            report.skipped[reason] += 1
+            if len(report.first_problems) < 3:
+                report.first_problems.append(f"line {number}: {detail}")
+            continue
+        if min_duration is not None and entry.duration < min_duration:
+            report.filtered_short += 1
+            continue
+        if max_duration is not None and entry.duration > max_duration:
+            report.filtered_long += 1
+            continue
+        entries.append(ManifestEntry(**{**entry.__dict__, "line": number}))
+    report.kept = len(entries)
+    if report.skipped_total:
+        log.warning(report.summary())
+    return entries, report
+
+
+class ManifestDataset(Dataset):
+    """Utterances of a manifest as waveforms (16 kHz mono) with their text and token ids.
+
+    Args:
+        manifest: JSONL manifest path.
+        tokenizer: when given, items carry ``tokens``; characters the tokenizer lacks are
+            errors (strict) or skipped lines.
+        speed_factors: speed perturbation factors drawn uniformly per item (training).
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        tokenizer: Tokenizer | None = None,
+        sample_rate: int = SAMPLE_RATE,
+        strict: bool = True,
+        min_duration: float | None = None,
+        max_duration: float | None = None,
+        require_text: bool = True,
+        speed_factors: tuple[float, ...] = (),
+    ) -> None:
+        self.manifest = Path(manifest)
+        entries, self.report = read_manifest(
+            manifest, strict, min_duration, max_duration, require_text=require_text
+        )
+        if tokenizer is not None:
+            entries = self._check_vocabulary(entries, tokenizer, strict)
+        self.entries = entries
+        self.tokenizer = tokenizer
+        self.sample_rate = sample_rate
+        self.speed_factors = tuple(speed_factors)
+
+    def _check_vocabulary(
+        self, entries: list[ManifestEntry], tokenizer: Tokenizer, strict: bool
+    ) -> list[ManifestEntry]:
+        kept = []
+        for entry in entries:
+            unknown = tokenizer.unknown_symbols(entry.text) if entry.text else set()
+            if unknown:
+                detail = f"text has symbols the tokenizer lacks: {''.join(sorted(unknown))!r}"
+                if strict:
+                    raise ManifestError(
+                        f"{self.manifest}, line {entry.line}: {detail} (normalise the text, "
+                        "use a tokenizer trained on it, or set strict: false)"
+                    )
+                self.report.skipped["unknown symbols"] += 1
+                continue
+            kept.append(entry)
+        if len(kept) < len(entries):
+            log.warning(
+                "%s: skipped %d lines with symbols outside the tokenizer",
+                self.manifest,
+                len(entries) - len(kept),
+            )
+        self.report.kept = len(kept)
+        return kept
+
+    @property
+    def durations(self) -> list[float]:
+        return [entry.duration for entry in self.entries]
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __getitem__(self, index: int) -> dict:
+        entry = self.entries[index]
+        audio = load_audio(
+            entry.audio_filepath,
+            self.sample_rate,
+            offset=entry.offset,
+            duration=entry.duration if entry.offset else None,
+        )
+        if self.speed_factors:
+            audio = speed_perturb(audio, random.choice(self.speed_factors), self.sample_rate)
+        item = {"audio": torch.from_numpy(audio), "text": entry.text or "", "index": index}
+        if self.tokenizer is not None and entry.text:
+            item["tokens"] = torch.tensor(self.tokenizer.encode(entry.text), dtype=torch.long)
+        return item
+
+
+def collate_batch(items: list[dict]) -> dict:
+    """Pad a list of dataset items into a batch.
+
+    Returns a dict with ``audio`` (B, S), ``audio_lengths`` (B,), ``texts``, ``indices`` (B,),
+    and, when items carry tokens, ``targets`` (B, U) padded with ``<pad>`` and
+    ``target_lengths`` (B,).
+    """
+    audio_lengths = torch.tensor([len(item["audio"]) for item in items], dtype=torch.long)
+    audio = torch.zeros(len(items), int(audio_lengths.max()))
+    for row, item in enumerate(items):
+        audio[row, : len(item["audio"])] = item["audio"]
+    batch = {
+        "audio": audio,
+        "audio_lengths": audio_lengths,
+        "texts": [item["text"] for item in items],
+        "indices": torch.tensor([item["index"] for item in items], dtype=torch.long),
+    }
+    if all("tokens" in item for item in items):
+        target_lengths = torch.tensor([len(item["tokens"]) for item in items], dtype=torch.long)
+        targets = torch.full((len(items), max(int(target_lengths.max()), 1)), PAD_ID)
+        for row, item in enumerate(items):
+            targets[row, : len(item["tokens"])] = item["tokens"]
+        batch["targets"] = targets
+        batch["target_lengths"] = target_lengths
+    return batch

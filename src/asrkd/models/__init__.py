@@ -1,0 +1,1 @@
+"""Model parts (frontend, encoder, decoders, CTC head) and the E2EASR / KDWrapper assemblies."""

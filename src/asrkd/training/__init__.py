@@ -1,0 +1,1 @@
+"""Losses, callbacks and the Trainer factory."""

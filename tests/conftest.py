@@ -1,0 +1,46 @@
+"""Shared fixtures: real speech from ../shared/data (skipped with a reason where absent)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ASRKD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _few_threads():
+    # CI machines have 2 cores; keep tests from oversubscribing them.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(min(threads, 2))
+    yield
+    torch.set_num_threads(threads)
+
+
+def _shared(name: str) -> Path:
+    folder = SHARED_DATA / name
+    if not (folder / "manifest.jsonl").is_file():
+        pytest.skip(
+            f"real speech not found at {folder} (it ships beside the project in CI; "
+            "set ASRKD_SHARED_DATA to use a copy elsewhere)"
+        )
+    return folder
+
+
+@pytest.fixture
+def ljspeech_dir() -> Path:
+    return _shared("ljspeech")
+
+
+@pytest.fixture
+def fsdd_dir() -> Path:
+    return _shared("fsdd")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

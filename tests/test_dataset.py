@@ -1,0 +1,184 @@
+"""Manifest validation, the dataset, collate, the duration-bucketed sampler, converters."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from asrkd.data.converters import folder_to_manifest, librispeech_to_manifest
+from asrkd.data.datamodule import ASRDataModule, DurationBatchSampler
+from asrkd.data.dataset import ManifestDataset, ManifestError, collate_batch, read_manifest
+from asrkd.data.tokenizer import PAD_ID, CharTokenizer
+from asrkd.utils.metrics import corpus_error_rates, word_errors
+
+
+def _write_wavs(folder: Path, count: int, seconds: float = 0.5) -> list[dict]:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    lines = []
+    for i in range(count):
+        path = folder / f"utt{i}.wav"
+        length = int(16000 * seconds * (1 + i % 3))
+        sf.write(path, 0.1 * rng.standard_normal(length).astype(np.float32), 16000)
+        lines.append({"audio_filepath": f"wav/utt{i}.wav", "duration": length / 16000,
+                      "text": f"hello number {i}"})
+    return lines
+
+
+@pytest.fixture
+def manifest_dir(tmp_path: Path) -> Path:
+    lines = _write_wavs(tmp_path / "wav", 10)
+    text = "\n".join(json.dumps(line) for line in lines)
+    (tmp_path / "good.jsonl").write_text(text + "\n")
+    return tmp_path
+
+
+def test_broken_line_seven_is_named_or_skipped(manifest_dir):
+    lines = (manifest_dir / "good.jsonl").read_text().splitlines()
+    lines[6] = lines[6][:-5]  # truncate the JSON object on line 7
+    (manifest_dir / "bad.jsonl").write_text("\n".join(lines) + "\n")
+    with pytest.raises(ManifestError, match=r"bad\.jsonl, line 7: broken JSON"):
+        read_manifest(manifest_dir / "bad.jsonl")
+    entries, report = read_manifest(manifest_dir / "bad.jsonl", strict=False)
+    assert len(entries) == 9 and report.skipped["broken JSON"] == 1
+    assert "line 7" in report.summary()
+
+
+@pytest.mark.parametrize(
+    "change, problem",
+    [
+        (lambda e: e.pop("text"), "missing key"),
+        (lambda e: e.update(text="   "), "text is empty"),
+        (lambda e: e.update(duration="long"), "duration must be a number"),
+        (lambda e: e.update(audio_filepath="wav/missing.wav"), "not found"),
+        (lambda e: e.update(audio_filepath="../outside.wav"), "outside the manifest"),
+    ],
+)
+def test_bad_lines_name_the_problem(manifest_dir, change, problem):
+    lines = [json.loads(x) for x in (manifest_dir / "good.jsonl").read_text().splitlines()]
+    change(lines[2])
+    (manifest_dir / "m.jsonl").write_text("\n".join(json.dumps(x) for x in lines))
+    with pytest.raises(ManifestError, match=f"line 3: .*{problem}"):
+        read_manifest(manifest_dir / "m.jsonl")
+    entries, report = read_manifest(manifest_dir / "m.jsonl", strict=False)
+    assert len(entries) == 9 and report.skipped_total == 1
+
+
+def test_unreadable_audio_and_duration_filters(manifest_dir):
+    (manifest_dir / "wav" / "utt3.wav").write_bytes(b"not audio at all")
+    with pytest.raises(ManifestError, match="line 4: cannot read"):
+        read_manifest(manifest_dir / "good.jsonl")
+    entries, report = read_manifest(
+        manifest_dir / "good.jsonl", strict=False, min_duration=0.6, max_duration=1.2
+    )
+    assert report.skipped["unreadable audio"] == 1
+    assert all(0.6 <= e.duration <= 1.2 for e in entries)
+    assert report.filtered_short + report.filtered_long + len(entries) == 9
+
+
+def test_dataset_and_collate_pad_with_lengths(manifest_dir):
+    tokenizer = CharTokenizer.english()
+    dataset = ManifestDataset(manifest_dir / "good.jsonl", tokenizer=tokenizer)
+    batch = collate_batch([dataset[0], dataset[1]])
+    assert batch["audio"].shape == (2, int(batch["audio_lengths"].max()))
+    assert batch["audio_lengths"].tolist() == [8000, 16000]
+    assert batch["audio"][0, 8000:].abs().sum() == 0
+    assert tokenizer.decode(batch["targets"][0, : batch["target_lengths"][0]].tolist()) == (
+        "hello number zero")
+    assert (batch["targets"][0, batch["target_lengths"][0]:] == PAD_ID).all()
+
+
+def test_text_outside_tokenizer_is_named(manifest_dir):
+    line = {"audio_filepath": "wav/utt0.wav", "duration": 0.5, "text": "naïve café"}
+    (manifest_dir / "u.jsonl").write_text(json.dumps(line) + "\n")
+    with pytest.raises(ManifestError, match="line 1: text has symbols the tokenizer lacks"):
+        ManifestDataset(manifest_dir / "u.jsonl", tokenizer=CharTokenizer.english())
+    dataset = ManifestDataset(manifest_dir / "u.jsonl", CharTokenizer.english(), strict=False)
+    assert len(dataset) == 0 and dataset.report.skipped["unknown symbols"] == 1
+
+
+def test_duration_sampler_budget_and_ddp_split():
+    rng = np.random.default_rng(0)
+    durations = rng.uniform(1, 8, size=300).tolist()
+    sampler = DurationBatchSampler(durations, max_batch_seconds=40, seed=1)
+    batches = list(sampler)
+    assert sorted(i for b in batches for i in b) == list(range(300))
+    for batch in batches:
+        assert len(batch) == 1 or max(durations[i] for i in batch) * len(batch) <= 40
+    sampler.set_epoch(1)
+    assert list(sampler) != batches  # reshuffled per epoch
+    ranks = [list(DurationBatchSampler(durations, 40, seed=1, num_replicas=2, rank=r))
+             for r in (0, 1)]
+    assert len(ranks[0]) == len(ranks[1])
+    covered = {i for rank in ranks for b in rank for i in b}
+    assert covered == set(range(300))
+
+
+def test_datamodule_batches(manifest_dir):
+    module = ASRDataModule(
+        train_manifest=str(manifest_dir / "good.jsonl"),
+        val_manifest=str(manifest_dir / "good.jsonl"),
+        max_batch_seconds=3.0,
+    )
+    module.attach_tokenizer(CharTokenizer.english())
+    batches = list(module.train_dataloader())
+    assert sum(len(b["texts"]) for b in batches) == 10
+    assert all("targets" in b for b in batches)
+    assert all(b["audio"].shape[1] * len(b["texts"]) <= 3.0 * 16000 or len(b["texts"]) == 1
+               for b in batches)
+
+
+def test_converters_on_real_speech(tmp_path, ljspeech_dir):
+    lines = [json.loads(x) for x in (ljspeech_dir / "manifest.jsonl").read_text().splitlines()]
+    # LibriSpeech layout: speaker/chapter/<spk>-<ch>-<n>.flac + .trans.txt
+    chapter = tmp_path / "libri" / "19" / "198"
+    chapter.mkdir(parents=True)
+    trans = []
+    for n, line in enumerate(lines[:3]):
+        audio, rate = sf.read(ljspeech_dir / line["audio_filepath"])
+        sf.write(chapter / f"19-198-{n:04d}.flac", audio, rate)
+        trans.append(f"19-198-{n:04d} {line['text'].upper()}")
+    (chapter / "19-198.trans.txt").write_text("\n".join(trans) + "\n")
+    count = librispeech_to_manifest(tmp_path / "libri", tmp_path / "libri.jsonl")
+    entries, _ = read_manifest(tmp_path / "libri.jsonl")
+    assert count == len(entries) == 3
+    assert entries[0].speaker == "19"
+    assert abs(entries[0].duration - lines[0]["duration"]) < 1e-3
+
+    # Folder with sidecar .txt files, and the same folder with one TSV.
+    folder = tmp_path / "folder" / "LJ"
+    folder.mkdir(parents=True)
+    tsv = []
+    for line in lines[:4]:
+        source = ljspeech_dir / line["audio_filepath"]
+        (folder / source.name).write_bytes(source.read_bytes())
+        (folder / source.name).with_suffix(".txt").write_text(line["text"])
+        tsv.append(f"{source.name}\t{line['text']}")
+    (tmp_path / "t.tsv").write_text("\n".join(tsv))
+    assert folder_to_manifest(tmp_path / "folder", tmp_path / "a.jsonl", speaker_from="parent") == 4
+    assert folder_to_manifest(tmp_path / "folder", tmp_path / "b.jsonl", tmp_path / "t.tsv") == 4
+    a, _ = read_manifest(tmp_path / "a.jsonl")
+    b, _ = read_manifest(tmp_path / "b.jsonl")
+    assert [e.text for e in a] == [e.text for e in b] == [x["text"] for x in lines[:4]]
+    assert a[0].speaker == "LJ"
+    assert len(ManifestDataset(tmp_path / "a.jsonl")[0]["audio"]) > 16000
+
+
+def test_error_rates_match_jiwer():
+    import jiwer
+
+    refs = ["the cat sat on the mat", "hello world", "a b c d"]
+    hyps = ["the cat sat on mat", "hello there world", "a x c d e"]
+    ours = corpus_error_rates(refs, hyps)
+    theirs = jiwer.process_words(refs, hyps)
+    assert ours["wer"] == pytest.approx(theirs.wer)
+    assert (ours["substitutions"], ours["deletions"], ours["insertions"]) == (
+        theirs.substitutions, theirs.deletions, theirs.insertions)
+    assert ours["cer"] == pytest.approx(jiwer.cer(refs, hyps))
+    assert word_errors("", "").rate == 0.0 and word_errors("", "x").rate == 1.0
+    assert torch.tensor(ours["wer"]).isfinite()
