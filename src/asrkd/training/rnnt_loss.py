@@ -1,0 +1,327 @@
+"""RNN-Transducer loss in plain PyTorch (no torchaudio build exists for torch 2.13 here).
+
+The loss is the negative log-likelihood of the target sequence summed over every monotonic
+alignment in the (T, U+1) lattice (Graves, 2012). Layout and semantics follow
+``torchaudio.functional.rnnt_loss`` so that either can be swapped in:
+
+* ``logits`` (B, T, U+1, V): raw joint-network outputs (or log-probabilities when
+  ``fused_log_softmax=False``).
+* cell (t, u) emits blank -> (t+1, u) or label ``targets[u]`` -> (t, u+1); a path ends with the
+  blank leaving (T_b-1, U_b).
+
+How it is computed:
+
+* Only (B, T, U+1, 2) values are ever taken from the big (B, T, U+1, V) tensor: the blank and
+  the next-target log-prob of each cell. The log-softmax is *fused*: it runs chunk by chunk of
+  utterances so no full-size log-prob tensor ever exists, nothing V-sized is saved for
+  backward except the logits the caller holds anyway, and the backward pass recomputes the
+  softmax straight into the gradient buffer. Peak memory is the logits plus one logits-sized
+  buffer (an unfused log_softmax + gather keeps a log-prob copy alive and allocates two
+  V-sized tensors in backward).
+* The forward variables alpha are computed one lattice row at a time, and each row in one shot:
+  within a row the "stay in the row" moves form a chain, so the row is a cumulative sum plus a
+  ``logcumsumexp``. We loop over the shorter lattice side (usually U+1 << T), so a batch takes
+  ``min(T, U+1)`` small vectorised steps. That recursion runs in float64 because the cumulative
+  sums subtract large numbers from each other.
+* The backward variables beta are the forward variables of the per-utterance reversed lattice,
+  so the same routine gives them. The gradient is analytic (no autograd graph through the loop):
+  the occupancy of each edge is exp(alpha + edge + beta - log P).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["rnnt_loss"]
+
+# Floor for log-probabilities entering the lattice recursion. A log-prob of -inf (a masked
+# logit) would turn the cumulative-sum trick into inf - inf = nan; exp(-1e4) is already zero.
+_LOG_PROB_FLOOR = -1.0e4
+# Elements of logits log-softmaxed per chunk of utterances in the forward pass: small on CPU
+# (1 MiB of float32, reused by the allocator), large on accelerators where each chunk costs
+# kernel launches.
+_CHUNK_ELEMENTS_CPU = 1 << 18
+_CHUNK_ELEMENTS_ACCEL = 1 << 26
+
+
+def _lattice_forward(w_down: Tensor, w_right: Tensor) -> Tensor:
+    """Forward variables of a monotonic lattice with two move types.
+
+    alpha[0, 0] = 0 and
+    alpha[i, j] = logaddexp(alpha[i-1, j] + w_down[i-1, j], alpha[i, j-1] + w_right[i, j-1]).
+
+    Rows are processed one after another; inside a row the right-moves form a chain, so with
+    c[i, j] = sum_{l<j} w_right[i, l]:
+    alpha[i, j] = c[i, j] + logcumsumexp_k(alpha[i-1, k] + w_down[i-1, k] - c[i, k]).
+    We carry r[i] = alpha[i] - c[i] so that each row costs one add and one logcumsumexp.
+
+    Args:
+        w_down: (B, N, M) log-weight of the move (i, j) -> (i+1, j); the last row is unused.
+        w_right: (B, N, M) log-weight of the move (i, j) -> (i, j+1); the last column is unused.
+
+    Returns:
+        (B, N, M) forward variables, in the dtype of the inputs.
+    """
+    batch, rows, _ = w_down.shape
+    c = torch.cumsum(w_right, dim=2)
+    c = torch.cat([c.new_zeros(batch, rows, 1), c[:, :, :-1]], dim=2)
+    # step[i] carries r[i] to the input of row i+1's logcumsumexp.
+    step = c[:, :-1] + w_down[:, :-1] - c[:, 1:]
+    r = [torch.zeros_like(c[:, 0])]
+    for i in range(1, rows):
+        r.append(torch.logcumsumexp(r[-1] + step[:, i - 1], dim=1))
+    return torch.stack(r, dim=1) + c
+
+
+def _forward_variables(blank_lp: Tensor, label_lp: Tensor) -> Tensor:
+    """alpha over the (T, U+1) lattice, looping over its shorter side.
+
+    Args:
+        blank_lp: (B, T, U+1) log-weight of the move (t, u) -> (t+1, u).
+        label_lp: (B, T, U+1) log-weight of the move (t, u) -> (t, u+1) (last column unused).
+
+    Returns:
+        (B, T, U+1) forward variables.
+    """
+    if blank_lp.size(1) <= blank_lp.size(2):
+        return _lattice_forward(blank_lp, label_lp)
+    # Transposed lattice: rows are label positions, so the loop runs U+1 times.
+    alpha_t = _lattice_forward(label_lp.transpose(1, 2), blank_lp.transpose(1, 2))
+    return alpha_t.transpose(1, 2)
+
+
+def _flip(x: Tensor, t_last: Tensor, u_last: Tensor) -> Tensor:
+    """Per-utterance reversal of a lattice tensor: y[b, i, j] = x[b, t_last[b]-i, u_last[b]-j].
+
+    Indices that fall outside the tensor are clamped; those cells are outside the utterance's
+    valid lattice and the callers never read them.
+
+    Args:
+        x: (B, T, U+1).
+        t_last: (B,) time index that becomes row 0.
+        u_last: (B,) label index that becomes column 0.
+
+    Returns:
+        (B, T, U+1).
+    """
+    batch, frames, cols = x.shape
+    t_idx = (t_last.unsqueeze(1) - torch.arange(frames, device=x.device)).clamp(0, frames - 1)
+    u_idx = (u_last.unsqueeze(1) - torch.arange(cols, device=x.device)).clamp(0, cols - 1)
+    y = x.gather(1, t_idx.unsqueeze(2).expand(batch, frames, cols))
+    return y.gather(2, u_idx.unsqueeze(1).expand(batch, frames, cols))
+
+
+def _batch_chunks(logits: Tensor) -> list[slice]:
+    """Split the batch of a (B, T, U+1, V) tensor into chunks of about a fixed element count."""
+    budget = _CHUNK_ELEMENTS_CPU if logits.device.type == "cpu" else _CHUNK_ELEMENTS_ACCEL
+    per_utt = max(1, logits[0].numel()) if logits.size(0) else 1
+    step = max(1, budget // per_utt)
+    return [slice(i, i + step) for i in range(0, logits.size(0), step)]
+
+
+def _edge_index(targets: Tensor, target_lengths: Tensor, blank: int) -> Tensor:
+    """Vocabulary index of the two edges leaving every lattice column.
+
+    Args:
+        targets: (B, U) int target ids, arbitrary padding.
+        target_lengths: (B,) valid labels per utterance.
+        blank: blank id.
+
+    Returns:
+        (B, 1, U+1, 2) int64: [..., 0] = blank, [..., 1] = targets[u] for u < U_b. Padding and
+        the last column point at blank so that gathers and scatters stay in range; those cells
+        are masked or get zero occupancy.
+    """
+    batch, labels = targets.shape
+    positions = torch.arange(labels, device=targets.device).unsqueeze(0)
+    label_ids = torch.where(positions < target_lengths.unsqueeze(1), targets.long(), blank)
+    label_ids = torch.nn.functional.pad(label_ids, (0, 1), value=blank)
+    blank_ids = torch.full_like(label_ids, blank)
+    return torch.stack([blank_ids, label_ids], dim=2).unsqueeze(1)
+
+
+class _RNNTLoss(torch.autograd.Function):
+    """Per-utterance RNN-T costs with an analytic gradient (see the module docstring)."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx,
+        logits: Tensor,
+        targets: Tensor,
+        logit_lengths: Tensor,
+        target_lengths: Tensor,
+        blank: int,
+        clamp: float,
+        fused_log_softmax: bool,
+        need_grad: bool,
+    ) -> Tensor:
+        batch, frames, cols, _ = logits.shape
+        device = logits.device
+        t_len = logit_lengths.to(device=device, dtype=torch.long)
+        u_len = target_lengths.to(device=device, dtype=torch.long)
+        work_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+        # Only (B, T, U+1, 2) values of the big tensor are needed: the blank and the next target
+        # label of every cell, taken with a single gather.
+        edge_index = _edge_index(targets, u_len, blank)
+        index = edge_index.expand(batch, frames, cols, 2)
+        if fused_log_softmax:
+            # Log-softmax chunk by chunk of utterances, keeping only the gathered values: the
+            # full-size log-prob tensor never exists (peak memory), and each chunk's temporary
+            # is small enough to be reused by the allocator rather than freshly page-faulted.
+            # One fused log_softmax kernel beats logsumexp (separate max/sub/exp/sum/log passes)
+            # on CPU. Half precision is normalised in float32.
+            edges = torch.cat(
+                [
+                    torch.log_softmax(logits[part], dim=3, dtype=work_dtype).gather(3, index[part])
+                    for part in _batch_chunks(logits)
+                ]
+            )
+        else:
+            edges = logits.gather(3, index)
+        edges = edges.double().clamp_min(_LOG_PROB_FLOOR)
+
+        # The recursion runs in float64 (its cumulative sums subtract large numbers). Cells
+        # outside an utterance's lattice get weight 0 (not padding garbage, never nan) so the
+        # recursion stays finite there; nothing valid depends on them.
+        t_pos = torch.arange(frames, device=device).view(1, frames, 1)
+        u_pos = torch.arange(cols, device=device).view(1, 1, cols)
+        valid = (t_pos < t_len.view(-1, 1, 1)) & (u_pos <= u_len.view(-1, 1, 1))
+        edges = edges.masked_fill(~valid.unsqueeze(3), 0.0)
+        blank_lp, label_lp = edges[..., 0], edges[..., 1]
+
+        b_idx = torch.arange(batch, device=device)
+        t_end = t_len - 1
+        final_blank = blank_lp[b_idx, t_end, u_len]
+        if not need_grad:
+            # Evaluation: alpha alone gives the loss; skip beta and the occupancies.
+            alpha = _forward_variables(blank_lp, label_lp)
+            return (-(alpha[b_idx, t_end, u_len] + final_blank)).to(logits.dtype)
+
+        # beta(t, u) = log-prob of finishing from (t, u) = alpha of the per-utterance reversed
+        # lattice. In reversed coordinates (i, j) = (T_b-1-t, U_b-u) the move into (i, j) carries
+        # the weight of the edge leaving (t, u), hence the index shift by one before flipping.
+        # alpha and beta share one batched recursion (2B rows), halving the Python loop count.
+        rev_down = _flip(blank_lp, t_len - 2, u_len)
+        rev_right = _flip(label_lp, t_len - 1, u_len - 1)
+        both = _forward_variables(torch.cat([blank_lp, rev_down]), torch.cat([label_lp, rev_right]))
+        alpha, beta_rev = both[:batch], both[batch:]
+        log_like = alpha[b_idx, t_end, u_len] + final_blank
+        beta = _flip(beta_rev, t_end, u_len) + final_blank.view(-1, 1, 1)
+
+        neg_inf = float("-inf")
+        alpha = alpha.masked_fill(~valid, neg_inf)
+        beta = beta.masked_fill(~valid, neg_inf)
+        # Log-prob of finishing after each edge: beta(t+1, u) after blank (0 after the final
+        # blank out of (T_b-1, U_b)), beta(t, u+1) after a label.
+        after = torch.full((batch, frames, cols, 2), neg_inf, dtype=beta.dtype, device=device)
+        after[:, :-1, :, 0] = beta[:, 1:]
+        after[b_idx, t_end, u_len, 0] = 0.0
+        after[:, :, :-1, 1] = beta[:, :, 1:]
+        # Edge occupancies: posterior probability that the alignment uses each edge.
+        occupancy = torch.exp(alpha.unsqueeze(3) - log_like.view(-1, 1, 1, 1) + edges + after)
+
+        ctx.save_for_backward(logits, edge_index, occupancy.to(work_dtype))
+        ctx.clamp = clamp
+        ctx.fused = fused_log_softmax
+        return (-log_like).to(logits.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_costs: Tensor):  # type: ignore[override]
+        logits, edge_index, occupancy = ctx.saved_tensors
+        batch, frames, cols, _ = logits.shape
+        scale = grad_costs.to(occupancy.dtype).view(batch, 1, 1, 1)
+        if ctx.clamp <= 0:
+            # Fold the chain rule into the small tensor instead of a full-size multiply.
+            occupancy = occupancy * scale
+        # d(-log P)/d logit_k = softmax_k * occupancy(cell) - occ_blank [k = blank]
+        #                       - occ_label [k = target]. The softmax is recomputed (one fused
+        # kernel) straight into the gradient buffer rather than kept from the forward pass.
+        # (Computing it as exp(logit - lse + log occupancy) was slower on CPU: the broadcast
+        # subtract and exp are two passes, softmax is one.)
+        if ctx.fused:
+            grad = torch.softmax(logits, dim=3, dtype=occupancy.dtype)
+            grad.mul_(occupancy.sum(dim=3, keepdim=True))
+        else:
+            grad = torch.zeros(logits.shape, dtype=occupancy.dtype, device=logits.device)
+        grad.scatter_add_(3, edge_index.expand(batch, frames, cols, 2), occupancy.neg())
+        if ctx.clamp > 0:
+            grad.clamp_(-ctx.clamp, ctx.clamp)
+            grad.mul_(scale)
+        return grad.to(logits.dtype), None, None, None, None, None, None, None
+
+
+def rnnt_loss(
+    logits: Tensor,
+    targets: Tensor,
+    logit_lengths: Tensor,
+    target_lengths: Tensor,
+    blank: int = 0,
+    reduction: str = "mean",
+    clamp: float = -1.0,
+    fused_log_softmax: bool = True,
+) -> Tensor:
+    """RNN-Transducer loss: negative log-likelihood of each target over all alignments.
+
+    Args:
+        logits: (B, T, U+1, V) joint-network outputs (float16/bfloat16/float32/float64);
+            log-probabilities instead when ``fused_log_softmax`` is False.
+        targets: (B, U) int target ids, padded with anything beyond ``target_lengths``.
+        logit_lengths: (B,) int valid frames per utterance, 1 <= T_b <= T.
+        target_lengths: (B,) int valid labels per utterance, 0 <= U_b <= U.
+        blank: blank id.
+        reduction: "mean" (average over the batch), "sum" or "none" ((B,) costs).
+        clamp: if > 0, clamp each utterance's gradient w.r.t. ``logits`` to [-clamp, clamp].
+        fused_log_softmax: apply log-softmax over V inside the loss (memory-lean); set False to
+            pass log-probabilities.
+
+    Returns:
+        Scalar loss, or (B,) per-utterance costs for ``reduction="none"``, in ``logits.dtype``.
+    """
+    if logits.dim() != 4 or targets.dim() != 2:
+        raise ValueError(
+            f"expected logits (B, T, U+1, V) and targets (B, U), got {tuple(logits.shape)} "
+            f"and {tuple(targets.shape)}"
+        )
+    batch, frames, cols, vocab = logits.shape
+    if targets.size(0) != batch or targets.size(1) != cols - 1:
+        raise ValueError(
+            f"targets {tuple(targets.shape)} do not match logits {tuple(logits.shape)} "
+            "(need targets.shape == (B, U) for logits (B, T, U+1, V))"
+        )
+    if logit_lengths.shape != (batch,) or target_lengths.shape != (batch,):
+        raise ValueError("logit_lengths and target_lengths must have shape (B,)")
+    if not 0 <= blank < vocab:
+        raise ValueError(f"blank={blank} outside vocabulary of size {vocab}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    if batch == 0:
+        costs = logits.new_zeros(0)
+    else:
+        bad_t = (logit_lengths < 1) | (logit_lengths > frames)
+        bad_u = (target_lengths < 0) | (target_lengths > cols - 1)
+        if bool((bad_t | bad_u).any()):
+            raise ValueError(
+                f"lengths out of range: logit_lengths must be in [1, {frames}] and "
+                f"target_lengths in [0, {cols - 1}]"
+            )
+        # Inside Function.forward grad mode is always off, so decide here whether the
+        # backward-only work (beta, occupancies) is needed.
+        need_grad = torch.is_grad_enabled() and logits.requires_grad
+        costs = _RNNTLoss.apply(
+            logits,
+            targets,
+            logit_lengths,
+            target_lengths,
+            blank,
+            float(clamp),
+            fused_log_softmax,
+            need_grad,
+        )
+    if reduction == "mean":
+        return costs.mean()
+    if reduction == "sum":
+        return costs.sum()
+    return costs
