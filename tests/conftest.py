@@ -44,3 +44,13 @@ def fsdd_dir() -> Path:
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A small default corpus (24/6/6 utterances), built once per test session."""
+    from asrkd.data.corpus import build_corpus
+
+    out = tmp_path_factory.mktemp("corpus")
+    build_corpus(out, n_train=24, n_val=6, n_test=6, progress=False)
+    return out

@@ -1,0 +1,160 @@
+"""Typed configuration: YAML files and dotted command-line overrides -> frozen dataclasses.
+
+One mechanism serves every config (model, data, training, trainer) and every checkpoint: a
+key that the dataclass lacks is an error that names the full key path and suggests the
+nearest valid key, never a silently ignored default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and what to do."""
+
+
+def unknown_key_error(key: str, path: str, valid: Iterable[str]) -> ConfigError:
+    full = f"{path}.{key}" if path else key
+    valid = sorted(valid)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{full}'{hint}; valid keys here: {', '.join(valid)}")
+
+
+def _dataclass_in(annotation: Any) -> type | None:
+    """The dataclass inside ``X``, ``X | None`` or ``Optional[X]``, else None."""
+    if dataclasses.is_dataclass(annotation):
+        return annotation
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            if dataclasses.is_dataclass(arg):
+                return arg
+    return None
+
+
+def _is_tuple(annotation: Any) -> bool:
+    if typing.get_origin(annotation) is tuple:
+        return True
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return any(typing.get_origin(a) is tuple for a in typing.get_args(annotation))
+    return False
+
+
+def _to_tuple(value: Any) -> Any:
+    if isinstance(value, list):
+        return tuple(_to_tuple(v) for v in value)
+    return value
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
+    """Build dataclass ``cls`` from a nested mapping; unknown keys raise :class:`ConfigError`.
+
+    Nested dataclass fields accept a mapping (merged over the field's default) or None where
+    the field is optional; lists become tuples where the field is a tuple.
+    """
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config '{path or cls.__name__}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    for key in data:
+        if key not in fields:
+            raise unknown_key_error(key, path, fields)
+    kwargs = {}
+    for name, value in data.items():
+        annotation = hints[name]
+        sub = _dataclass_in(annotation)
+        key_path = f"{path}.{name}" if path else name
+        if sub is not None and isinstance(value, Mapping):
+            default = _field_default(fields[name])
+            base = dataclasses.asdict(default) if dataclasses.is_dataclass(default) else {}
+            kwargs[name] = from_dict(sub, {**base, **value}, key_path)
+        elif sub is not None and dataclasses.is_dataclass(value):
+            kwargs[name] = value
+        elif _is_tuple(annotation):
+            kwargs[name] = _to_tuple(value)
+        else:
+            kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"config '{path or cls.__name__}': {error}") from None
+
+
+def _field_default(field: dataclasses.Field) -> Any:
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return None
+
+
+def to_dict(config: Any) -> dict:
+    """Plain nested dict (tuples kept) of a dataclass config; safe for ``weights_only`` loads."""
+    return dataclasses.asdict(config)
+
+
+def deep_merge(base: Mapping, update: Mapping) -> dict:
+    """Recursively merge ``update`` over ``base`` (mappings merge, everything else replaces)."""
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML ({error})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping")
+    return data
+
+
+def parse_overrides(tokens: Iterable[str]) -> dict:
+    """``["--model.encoder.d_model", "144", "trainer.max_steps=10"]`` -> nested dict.
+
+    Values are parsed as YAML scalars/lists (``10`` -> int, ``[4, 2]`` -> list, ``null``).
+    """
+    tokens = list(tokens)
+    result: dict = {}
+    index = 0
+    while index < len(tokens):
+        token = tokens[index].removeprefix("--")
+        if "=" in token:
+            key, raw = token.split("=", 1)
+            index += 1
+        else:
+            if index + 1 >= len(tokens):
+                raise ConfigError(f"override '{tokens[index]}' has no value")
+            key, raw = token, tokens[index + 1]
+            index += 2
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = result
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}' conflicts with an earlier override")
+        node[parts[-1]] = value
+    return result

@@ -1,0 +1,463 @@
+"""E2EASR: features -> ResNet1D frontend -> FastConformer -> decoder (+ CTC head).
+
+The model receives its parts (icefall's habit) and one builder, :func:`build_model`, makes
+them from a frozen :class:`ModelConfig`. Checkpoints hold the config, the tokenizer and the
+weights as plain containers, so they load with ``torch.load(weights_only=True)``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from asrkd.config import ConfigError, from_dict, to_dict
+from asrkd.data.audio_processing import (
+    FeatureConfig,
+    LogMelFeatures,
+    SpecAugment,
+    SpecAugmentConfig,
+    load_audio,
+)
+from asrkd.data.tokenizer import Tokenizer, tokenizer_from_dict
+from asrkd.models.common import Hypothesis
+from asrkd.models.ctc import CTCConfig, CTCHead, ctc_greedy_decode, ctc_prefix_beam_search
+from asrkd.models.encoder import FastConformerConfig, FastConformerEncoder
+from asrkd.models.frontend import ResNet1D, ResNet1DConfig
+from asrkd.models.rnnt import RNNTConfig, RNNTransducer
+from asrkd.models.transformer_decoder import (
+    TransformerDecoder,
+    TransformerDecoderConfig,
+    make_decoder_io,
+)
+
+CHECKPOINT_FORMAT = "asrkd-checkpoint-1"
+DECODER_TYPES = ("transformer", "rnnt", "none")
+DECODING_METHODS = (
+    "auto", "ctc_greedy", "ctc_beam", "attention_greedy", "attention_beam", "rnnt_greedy",
+    "rnnt_beam",
+)
+
+
+@dataclass(frozen=True)
+class TransformerSettings:
+    """Attention-decoder settings (vocabulary and encoder width come from the model)."""
+
+    d_model: int = 256
+    n_heads: int = 4
+    n_layers: int = 4
+    ff_dim: int = 1024
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class RNNTSettings:
+    """Transducer settings (vocabulary and encoder width come from the model)."""
+
+    pred_dim: int = 320
+    pred_layers: int = 1
+    joint_dim: int = 320
+    dropout: float = 0.1
+    max_symbols_per_frame: int = 5
+
+
+@dataclass(frozen=True)
+class DecodingConfig:
+    """How :meth:`E2EASR.infer` decodes by default (``auto`` picks the decoder's beam or
+    greedy search; see :meth:`E2EASR.default_method`)."""
+
+    method: str = "auto"
+    beam_size: int = 4
+    ctc_weight: float = 0.3  # joint CTC/attention scoring in attention beam search
+    length_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.method not in DECODING_METHODS:
+            raise ValueError(f"decoding method {self.method!r} not in {DECODING_METHODS}")
+
+
+@dataclass(frozen=True)
+class TokenizerConfig:
+    """Which tokenizer to build for a new model (``char`` needs no training data)."""
+
+    kind: str = "char"
+    vocab_size: int = 256
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything that defines an E2EASR model."""
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    spec_augment: SpecAugmentConfig | None = field(default_factory=SpecAugmentConfig)
+    frontend: ResNet1DConfig | None = field(default_factory=ResNet1DConfig)
+    encoder: FastConformerConfig = field(default_factory=FastConformerConfig)
+    decoder: str = "transformer"
+    transformer: TransformerSettings = field(default_factory=TransformerSettings)
+    rnnt: RNNTSettings = field(default_factory=RNNTSettings)
+    ctc: bool = True
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    decoding: DecodingConfig = field(default_factory=DecodingConfig)
+
+    def __post_init__(self) -> None:
+        if self.decoder not in DECODER_TYPES:
+            raise ValueError(f"decoder must be one of {DECODER_TYPES}, got {self.decoder!r}")
+        if self.decoder == "none" and not self.ctc:
+            raise ValueError("a model needs a decoder or a CTC head (decoder: none, ctc: false)")
+
+
+@dataclass
+class ASROutput:
+    """What :meth:`E2EASR.forward` returns.
+
+    Attributes:
+        encoder_out: (B, T', D) encoder states. encoder_lengths: (B,).
+        ctc_logits: (B, T', V) raw CTC logits, or None without a CTC head.
+        decoder_logits: attention decoder (B, U+1, V) under teacher forcing, or RNN-T joint
+            (B, T', U+1, V); None without a decoder or without targets.
+        decoder_type: "transformer", "rnnt" or "none".
+        hidden_states: per-layer encoder outputs when asked for (distillation).
+    """
+
+    encoder_out: torch.Tensor
+    encoder_lengths: torch.Tensor
+    ctc_logits: torch.Tensor | None = None
+    decoder_logits: torch.Tensor | None = None
+    decoder_type: str = "none"
+    hidden_states: list[torch.Tensor] | None = None
+
+
+class E2EASR(nn.Module):
+    """End-to-end recogniser assembled from its parts.
+
+    Args:
+        frontend: ResNet1D over log-mel frames, or None (features go straight to the encoder).
+        encoder: FastConformer encoder.
+        decoder: TransformerDecoder, RNNTransducer or None.
+        ctc: CTC head or None.
+        features: log-mel extractor (part of the model so inference needs nothing else).
+        spec_augment: SpecAugment, applied in training mode only.
+        tokenizer: turns token ids into text in :meth:`infer`.
+        config: the :class:`ModelConfig` it was built from (kept for checkpoints).
+    """
+
+    def __init__(
+        self,
+        frontend: ResNet1D | None,
+        encoder: FastConformerEncoder,
+        decoder: TransformerDecoder | RNNTransducer | None = None,
+        ctc: CTCHead | None = None,
+        *,
+        features: LogMelFeatures | None = None,
+        spec_augment: SpecAugment | None = None,
+        tokenizer: Tokenizer | None = None,
+        config: ModelConfig | None = None,
+    ) -> None:
+        super().__init__()
+        if decoder is None and ctc is None:
+            raise ValueError("E2EASR needs a decoder, a CTC head, or both")
+        self.features = features or LogMelFeatures()
+        self.spec_augment = spec_augment
+        self.frontend = frontend
+        self.encoder = encoder
+        self.decoder = decoder
+        self.ctc = ctc
+        self.tokenizer = tokenizer
+        self.config = config
+
+    @property
+    def decoder_type(self) -> str:
+        if isinstance(self.decoder, TransformerDecoder):
+            return "transformer"
+        if isinstance(self.decoder, RNNTransducer):
+            return "rnnt"
+        return "none"
+
+    @property
+    def subsampling_factor(self) -> int:
+        """Feature frames per encoder frame (frontend strides x encoder subsampling)."""
+        factor = self.encoder.config.subsampling_factor
+        if self.frontend is not None:
+            for stride in self.frontend.config.strides:
+                factor *= stride
+        return factor
+
+    @property
+    def vocab_size(self) -> int:
+        head = self.ctc if self.ctc is not None else self.decoder
+        return head.config.vocab_size
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def encode(
+        self, audio: torch.Tensor, audio_lengths: torch.Tensor, return_hidden: bool = False
+    ):
+        """Waveforms (B, S) + lengths -> :class:`~asrkd.models.encoder.EncoderOutput`."""
+        features, lengths = self.features(audio, audio_lengths)
+        if self.spec_augment is not None:
+            features = self.spec_augment(features, lengths)
+        if self.frontend is not None:
+            features, lengths = self.frontend(features, lengths)
+        return self.encoder(features, lengths, return_hidden=return_hidden)
+
+    def forward(
+        self,
+        audio: torch.Tensor,
+        audio_lengths: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        target_lengths: torch.Tensor | None = None,
+        return_hidden: bool = False,
+    ) -> ASROutput:
+        """Training outputs.
+
+        Args:
+            audio: (B, S) waveforms at 16 kHz. audio_lengths: (B,) samples.
+            targets: (B, U) token ids padded with ``<pad>``; target_lengths: (B,).
+            return_hidden: also return every conformer layer's output.
+        """
+        encoded = self.encode(audio, audio_lengths, return_hidden)
+        output = ASROutput(
+            encoder_out=encoded.output,
+            encoder_lengths=encoded.lengths,
+            decoder_type=self.decoder_type,
+            hidden_states=encoded.hidden_states,
+        )
+        if self.ctc is not None:
+            output.ctc_logits = self.ctc(encoded.output)
+        if self.decoder is not None and targets is not None:
+            output.decoder_logits = self.decoder(
+                encoded.output, encoded.lengths, targets, target_lengths
+            )
+        return output
+
+    def default_method(self) -> str:
+        method = self.config.decoding.method if self.config is not None else "auto"
+        if method != "auto":
+            return method
+        if self.decoder_type == "rnnt":
+            return "rnnt_greedy"
+        if self.decoder_type == "transformer":
+            return "attention_beam"
+        return "ctc_greedy"
+
+    @torch.inference_mode()
+    def infer(
+        self,
+        audio: torch.Tensor,
+        audio_lengths: torch.Tensor,
+        method: str | None = None,
+        beam_size: int | None = None,
+    ) -> list[Hypothesis]:
+        """Decode a batch of waveforms (B, S) to hypotheses with ``text`` filled in.
+
+        ``method``: ctc_greedy, ctc_beam, attention_greedy, attention_beam (joint CTC scoring
+        when the model has a CTC head), rnnt_greedy, rnnt_beam; None uses the config's.
+        """
+        method = method or self.default_method()
+        decoding = self.config.decoding if self.config is not None else DecodingConfig()
+        beam = beam_size or decoding.beam_size
+        was_training = self.training
+        self.eval()
+        try:
+            encoded = self.encode(audio, audio_lengths)
+            hypotheses = self._decode(encoded.output, encoded.lengths, method, beam, decoding)
+        finally:
+            self.train(was_training)
+        if self.tokenizer is not None:
+            for hypothesis in hypotheses:
+                hypothesis.text = self.tokenizer.decode(hypothesis.tokens)
+        return hypotheses
+
+    def _decode(
+        self,
+        encoder_out: torch.Tensor,
+        lengths: torch.Tensor,
+        method: str,
+        beam: int,
+        decoding: DecodingConfig,
+    ) -> list[Hypothesis]:
+        family = method.split("_")[0]
+        if family == "ctc" and self.ctc is None:
+            raise ValueError(f"method {method!r} needs a CTC head; this model has none")
+        if family in ("attention", "rnnt") and self.decoder_type != (
+            "transformer" if family == "attention" else "rnnt"
+        ):
+            raise ValueError(f"method {method!r} does not fit a {self.decoder_type} decoder")
+        if method == "ctc_greedy":
+            return ctc_greedy_decode(self.ctc.log_probs(encoder_out), lengths)
+        if method == "ctc_beam":
+            return ctc_prefix_beam_search(self.ctc.log_probs(encoder_out), lengths, beam)
+        if method == "attention_greedy":
+            return self.decoder.greedy_search(encoder_out, lengths)
+        if method == "attention_beam":
+            use_ctc = self.ctc is not None and decoding.ctc_weight > 0
+            return self.decoder.beam_search(
+                encoder_out,
+                lengths,
+                beam_size=beam,
+                length_penalty=decoding.length_penalty,
+                ctc_log_probs=self.ctc.log_probs(encoder_out) if use_ctc else None,
+                ctc_weight=decoding.ctc_weight if use_ctc else 0.0,
+            )
+        if method == "rnnt_greedy":
+            return self.decoder.greedy_search(encoder_out, lengths)
+        if method == "rnnt_beam":
+            return self.decoder.beam_search(encoder_out, lengths, beam_size=beam)
+        raise ValueError(f"unknown decoding method {method!r}; choose from {DECODING_METHODS}")
+
+    def transcribe(
+        self, paths: list[str | Path], batch_size: int = 8, method: str | None = None
+    ) -> list[str]:
+        """Transcribe audio files (any rate/channels soundfile reads) to text."""
+        texts: list[str] = []
+        for start in range(0, len(paths), batch_size):
+            waves = [torch.from_numpy(load_audio(p)) for p in paths[start : start + batch_size]]
+            audio, lengths = pad_waveforms(waves)
+            texts.extend(h.text for h in self.infer(audio, lengths, method=method))
+        return texts
+
+
+def pad_waveforms(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D waveforms into (B, S) zero-padded audio and (B,) lengths."""
+    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    audio = torch.zeros(len(waves), int(lengths.max()))
+    for row, wave in enumerate(waves):
+        audio[row, : len(wave)] = wave
+    return audio, lengths
+
+
+def build_model(config: ModelConfig, tokenizer: Tokenizer) -> E2EASR:
+    """The one place that turns a :class:`ModelConfig` (+ tokenizer) into an E2EASR."""
+    vocab = tokenizer.vocab_size
+    features = LogMelFeatures(config.features)
+    frontend = None
+    encoder_input = config.features.n_mels
+    if config.frontend is not None:
+        frontend = ResNet1D(replace(config.frontend, input_dim=config.features.n_mels))
+        encoder_input = frontend.output_dim
+    encoder = FastConformerEncoder(replace(config.encoder, input_dim=encoder_input))
+    width = encoder.output_dim
+    decoder: TransformerDecoder | RNNTransducer | None = None
+    if config.decoder == "transformer":
+        settings = config.transformer
+        decoder = TransformerDecoder(
+            TransformerDecoderConfig(
+                vocab_size=vocab,
+                encoder_dim=width,
+                d_model=settings.d_model,
+                n_heads=settings.n_heads,
+                n_layers=settings.n_layers,
+                ff_dim=settings.ff_dim,
+                dropout=settings.dropout,
+                bos_id=tokenizer.bos_id,
+                eos_id=tokenizer.eos_id,
+                pad_id=tokenizer.pad_id,
+            )
+        )
+    elif config.decoder == "rnnt":
+        settings = config.rnnt
+        decoder = RNNTransducer(
+            RNNTConfig(
+                vocab_size=vocab,
+                encoder_dim=width,
+                pred_dim=settings.pred_dim,
+                pred_layers=settings.pred_layers,
+                joint_dim=settings.joint_dim,
+                dropout=settings.dropout,
+                blank_id=tokenizer.blank_id,
+                max_symbols_per_frame=settings.max_symbols_per_frame,
+            )
+        )
+    ctc = CTCHead(CTCConfig(vocab, width, blank_id=tokenizer.blank_id)) if config.ctc else None
+    spec_augment = SpecAugment(config.spec_augment) if config.spec_augment is not None else None
+    return E2EASR(
+        frontend,
+        encoder,
+        decoder,
+        ctc,
+        features=features,
+        spec_augment=spec_augment,
+        tokenizer=tokenizer,
+        config=config,
+    )
+
+
+def save_checkpoint(model: E2EASR, path: str | Path, extra: dict | None = None) -> Path:
+    """Write model config + tokenizer + weights to one file, atomically (temp + rename)."""
+    if model.config is None or model.tokenizer is None:
+        raise ValueError("only models from build_model (with config and tokenizer) can be saved")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "model_config": to_dict(model.config),
+        "tokenizer": model.tokenizer.to_dict(),
+        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "extra": extra or {},
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded; the message says why and what to do."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load a checkpoint's contents safely (``weights_only=True``: no arbitrary pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # noqa: BLE001 - any unpickling failure means "refuse"
+        raise CheckpointError(
+            f"{path}: refused to load ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            "asrkd checkpoints hold only tensors and plain containers; a file that needs "
+            "arbitrary pickled objects is not one of ours and is not trusted"
+        ) from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"{path}: not an asrkd checkpoint (format {CHECKPOINT_FORMAT})")
+    return payload
+
+
+def load_checkpoint(path: str | Path) -> E2EASR:
+    """Rebuild the model saved by :func:`save_checkpoint`, in eval mode."""
+    payload = read_checkpoint(path)
+    try:
+        config = from_dict(ModelConfig, payload["model_config"], "model")
+    except ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from None
+    model = build_model(config, tokenizer_from_dict(payload["tokenizer"]))
+    try:
+        model.load_state_dict(payload["state_dict"])
+    except RuntimeError as error:
+        first = str(error).splitlines()[1:2] or [str(error)]
+        raise CheckpointError(
+            f"{path}: weights do not fit the config stored with them ({first[0].strip()})"
+        ) from None
+    return model.eval()
+
+
+__all__ = [
+    "ASROutput",
+    "DecodingConfig",
+    "E2EASR",
+    "ModelConfig",
+    "RNNTSettings",
+    "TokenizerConfig",
+    "TransformerSettings",
+    "build_model",
+    "load_checkpoint",
+    "make_decoder_io",
+    "pad_waveforms",
+    "read_checkpoint",
+    "save_checkpoint",
+]

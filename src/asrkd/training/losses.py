@@ -1,0 +1,105 @@
+"""Losses: ASRLoss (CTC + attention CE or RNN-T, weighted), the KD family, rnnt_loss.
+
+``rnnt_loss`` and the KD losses live in their own modules (they are long); this module is
+the one place the rest of the code imports losses from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from asrkd.models.ctc import ctc_loss
+from asrkd.models.e2e_asr import ASROutput
+from asrkd.models.transformer_decoder import label_smoothed_ce, make_decoder_io
+from asrkd.training.kd_losses import (
+    KD_LOSSES,
+    RNNTKD,
+    CTCFrameKD,
+    HiddenStateKD,
+    TokenKD,
+    build_kd_loss,
+    check_kd_compatibility,
+    default_layer_map,
+    filter_pseudo_labels,
+)
+from asrkd.training.rnnt_loss import rnnt_loss
+
+__all__ = [
+    "ASRLoss",
+    "ASRLossConfig",
+    "CTCFrameKD",
+    "HiddenStateKD",
+    "KD_LOSSES",
+    "RNNTKD",
+    "TokenKD",
+    "build_kd_loss",
+    "check_kd_compatibility",
+    "default_layer_map",
+    "filter_pseudo_labels",
+    "rnnt_loss",
+]
+
+
+@dataclass(frozen=True)
+class ASRLossConfig:
+    """Weights of the supervised losses (hybrid CTC/attention or CTC/transducer training).
+
+    ``ctc_weight`` is the CTC share when the model also has a decoder; a CTC-only model uses
+    CTC alone and a decoder-only model its decoder loss alone.
+    """
+
+    ctc_weight: float = 0.3
+    label_smoothing: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ValueError(f"ctc_weight must be within [0, 1], got {self.ctc_weight}")
+
+
+class ASRLoss(nn.Module):
+    """Supervised loss of an :class:`~asrkd.models.e2e_asr.E2EASR` output.
+
+    Returns a dict of scalars: ``ctc`` and/or ``attention`` / ``rnnt``, and ``total`` =
+    ``ctc_weight * ctc + (1 - ctc_weight) * decoder``.
+    """
+
+    def __init__(self, config: ASRLossConfig = ASRLossConfig()) -> None:
+        super().__init__()
+        self.config = config
+
+    def forward(
+        self, output: ASROutput, targets: torch.Tensor, target_lengths: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        parts: dict[str, torch.Tensor] = {}
+        if output.ctc_logits is not None:
+            log_probs = output.ctc_logits.float().log_softmax(-1)
+            parts["ctc"] = ctc_loss(log_probs, output.encoder_lengths, targets, target_lengths)
+        decoder_loss = None
+        if output.decoder_type == "transformer" and output.decoder_logits is not None:
+            _, decoder_out, decoder_lengths = make_decoder_io(targets, target_lengths)
+            decoder_loss = label_smoothed_ce(
+                output.decoder_logits.float(),
+                decoder_out,
+                decoder_lengths,
+                self.config.label_smoothing,
+            )
+            parts["attention"] = decoder_loss
+        elif output.decoder_type == "rnnt" and output.decoder_logits is not None:
+            decoder_loss = rnnt_loss(
+                output.decoder_logits.float(),
+                targets.int(),
+                output.encoder_lengths.int(),
+                target_lengths.int(),
+            )
+            parts["rnnt"] = decoder_loss
+        if decoder_loss is None:
+            parts["total"] = parts["ctc"]
+        elif "ctc" not in parts:
+            parts["total"] = decoder_loss
+        else:
+            weight = self.config.ctc_weight
+            parts["total"] = weight * parts["ctc"] + (1 - weight) * decoder_loss
+        return parts

@@ -1,0 +1,184 @@
+"""E2EASR assembly: builder, presets, decoding methods, ASR loss, checkpoints, learning."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from asrkd.data.audio_processing import SpecAugmentConfig
+from asrkd.data.tokenizer import CharTokenizer
+from asrkd.models.e2e_asr import (
+    CheckpointError,
+    ModelConfig,
+    RNNTSettings,
+    TransformerSettings,
+    build_model,
+    load_checkpoint,
+    pad_waveforms,
+    save_checkpoint,
+)
+from asrkd.models.encoder import FastConformerConfig
+from asrkd.models.frontend import ResNet1DConfig
+from asrkd.models.presets import PRESETS, get_preset
+from asrkd.training.losses import ASRLoss
+
+
+def tiny_config(decoder: str = "transformer", ctc: bool = True) -> ModelConfig:
+    return ModelConfig(
+        frontend=ResNet1DConfig(channels=(32,), strides=(1,)),
+        encoder=FastConformerConfig(
+            d_model=64, n_heads=2, n_layers=2, subsampling_channels=32, dropout=0.0,
+            dropout_pre_encoder=0.0, dropout_att=0.0,
+        ),
+        decoder=decoder,
+        ctc=ctc,
+        transformer=TransformerSettings(d_model=64, n_heads=2, n_layers=1, ff_dim=128,
+                                        dropout=0.0),
+        rnnt=RNNTSettings(pred_dim=64, joint_dim=64, dropout=0.0),
+        spec_augment=None,
+    )
+
+
+def random_batch(seconds=(1.0, 0.6), seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    waves = [0.1 * torch.randn(int(16000 * s), generator=generator) for s in seconds]
+    return pad_waveforms(waves)
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "rnnt", "none"])
+def test_forward_loss_and_every_decoding_method(decoder):
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.english()
+    model = build_model(tiny_config(decoder), tokenizer)
+    audio, lengths = random_batch()
+    targets = torch.full((2, 11), tokenizer.pad_id)
+    targets[0] = torch.tensor(tokenizer.encode("hello there"))
+    targets[1, :2] = torch.tensor(tokenizer.encode("hi"))
+    target_lengths = torch.tensor([11, 2])
+    output = model(audio, lengths, targets, target_lengths)
+    assert output.ctc_logits.shape[:2] == output.encoder_out.shape[:2]
+    assert output.encoder_lengths.tolist() == [13, 8]  # 101 and 61 frames, 8x subsampling
+    parts = ASRLoss()(output, targets, target_lengths)
+    assert torch.isfinite(parts["total"])
+    parts["total"].backward()
+    family = {"transformer": "attention", "rnnt": "rnnt", "none": None}[decoder]
+    methods = ["ctc_greedy", "ctc_beam"] + (
+        [f"{family}_greedy", f"{family}_beam"] if family else []
+    )
+    for method in methods:
+        hypotheses = model.infer(audio, lengths, method=method, beam_size=3)
+        assert len(hypotheses) == 2 and all(isinstance(h.text, str) for h in hypotheses)
+    with pytest.raises(ValueError, match="does not fit"):
+        model.infer(audio, lengths, method="rnnt_greedy" if decoder != "rnnt" else
+                    "attention_greedy")
+
+
+def test_presets_sizes():
+    tokenizer = CharTokenizer.english()
+    counts = {name: build_model(PRESETS[name](), tokenizer).num_parameters()
+              for name in ("teacher_cpu", "student_cpu", "teacher_cpu_rnnt", "student_cpu_rnnt")}
+    assert 5e6 <= counts["teacher_cpu"] <= 15e6
+    assert counts["student_cpu"] <= 0.25 * counts["teacher_cpu"]
+    assert counts["student_cpu_rnnt"] <= 0.25 * counts["teacher_cpu_rnnt"]
+    small = build_model(get_preset("fastconformer_small"), tokenizer)
+    encoder = sum(p.numel() for p in small.encoder.parameters())
+    assert 12e6 <= encoder <= 15e6
+    with pytest.raises(ValueError, match="unknown model preset"):
+        get_preset("teacher_huge")
+
+
+@pytest.mark.parametrize("decoder", ["transformer", "rnnt"])
+def test_checkpoint_round_trip_transcribes_identically(tmp_path, decoder):
+    torch.manual_seed(0)
+    model = build_model(tiny_config(decoder), CharTokenizer.english()).eval()
+    audio, lengths = random_batch()
+    before = [h.text for h in model.infer(audio, lengths)]
+    path = save_checkpoint(model, tmp_path / "m.ckpt")
+    payload = torch.load(path, weights_only=True)  # loads without pickle of any object
+    assert set(payload) >= {"model_config", "tokenizer", "state_dict"}
+    loaded = load_checkpoint(path)
+    assert [h.text for h in loaded.infer(audio, lengths)] == before
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key])
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_crafted_pickle_checkpoint_is_refused(tmp_path):
+    path = tmp_path / "evil.ckpt"
+    with path.open("wb") as handle:
+        pickle.dump({"format": "asrkd-checkpoint-1", "payload": _Evil()}, handle)
+    with pytest.raises(CheckpointError, match="refused to load"):
+        load_checkpoint(path)
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.ckpt")
+
+
+def test_checkpoint_from_a_different_config_is_named(tmp_path):
+    model = build_model(tiny_config(), CharTokenizer.english())
+    path = save_checkpoint(model, tmp_path / "m.ckpt")
+    payload = torch.load(path, weights_only=True)
+    payload["model_config"]["encoder"]["d_model"] = 96
+    torch.save(payload, tmp_path / "other.ckpt")
+    with pytest.raises(CheckpointError, match="weights do not fit the config"):
+        load_checkpoint(tmp_path / "other.ckpt")
+
+
+def test_transcribe_reads_files(tmp_path, ljspeech_dir):
+    model = build_model(tiny_config(), CharTokenizer.english())
+    files = sorted((ljspeech_dir / "wav").glob("*.wav"))[:2]
+    texts = model.transcribe(files, method="ctc_greedy")
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+def _overfit(decoder: str, corpus: Path, steps: int) -> float:
+    """Train a small model on 20 utterances; return its CER on them."""
+    from asrkd.data.dataset import ManifestDataset, collate_batch
+    from asrkd.utils.metrics import corpus_error_rates
+
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.english()
+    config = replace(
+        tiny_config(decoder),
+        encoder=replace(tiny_config().encoder, d_model=96, n_layers=3, n_heads=4,
+                        subsampling_channels=64),
+        spec_augment=SpecAugmentConfig(freq_masks=0, time_masks=0),
+    )
+    model = build_model(config, tokenizer)
+    dataset = ManifestDataset(corpus / "train.jsonl", tokenizer)
+    items = [dataset[i] for i in range(20)]
+    batches = [collate_batch(items[i : i + 10]) for i in (0, 10)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss_fn = ASRLoss()
+    model.train()
+    for step in range(steps):
+        batch = batches[step % 2]
+        output = model(batch["audio"], batch["audio_lengths"], batch["targets"],
+                       batch["target_lengths"])
+        loss = loss_fn(output, batch["targets"], batch["target_lengths"])["total"]
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    method = {"transformer": "attention_greedy", "rnnt": "rnnt_greedy", "none": "ctc_greedy"}
+    hypotheses, references = [], []
+    for batch in batches:
+        found = model.infer(batch["audio"], batch["audio_lengths"], method=method[decoder])
+        hypotheses += [h.text for h in found]
+        references += [tokenizer.normalizer(t) for t in batch["texts"]]
+    return corpus_error_rates(references, hypotheses)["cer"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("decoder", ["none", "transformer", "rnnt"])
+def test_learning_is_real(decoder, tiny_corpus):
+    cer = _overfit(decoder, tiny_corpus, steps=250)
+    assert cer < 0.05, f"{decoder}: CER {cer:.3f} on its 20 training utterances"
