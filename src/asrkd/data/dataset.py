@@ -138,7 +138,8 @@ def read_manifest(
     """
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"{path}: manifest not found")
+        hint = " (build the default corpus with `asrkd corpus`)" if "default" in str(path) else ""
+        raise ManifestError(f"{path}: manifest not found{hint}")
     report = ManifestReport(path=path)
     entries: list[ManifestEntry] = []
     raw = path.read_bytes()

@@ -1,0 +1,232 @@
+"""The ``asrkd`` command: corpus, presets, train, evaluate, infer, demo.
+
+User errors (bad config key, missing file, bad manifest line, unreadable checkpoint) end the
+command with one readable line on stderr and exit status 2; only bugs print tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# What `make demo` produces: the scripts work with no arguments once it has run.
+DEFAULT_CKPT = "exp/demo/student_kd/model.ckpt"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from asrkd.config import ConfigError
+    from asrkd.data.audio_processing import AudioError
+    from asrkd.data.dataset import ManifestError
+    from asrkd.models.e2e_asr import CheckpointError
+
+    return (ConfigError, AudioError, ManifestError, CheckpointError, FileNotFoundError)
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from asrkd.data.corpus import build_corpus
+
+    build_corpus(
+        args.out,
+        seed=args.seed,
+        n_train=args.train,
+        n_val=args.val,
+        n_test=args.test,
+        workers=args.workers,
+        force=args.force,
+    )
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    from asrkd.data.tokenizer import CharTokenizer
+    from asrkd.models.e2e_asr import build_model
+    from asrkd.models.presets import PRESETS
+
+    table = Table(title="asrkd model presets (character vocabulary)")
+    for column in ("preset", "params", "encoder", "decoder", "d_model x layers"):
+        table.add_column(column)
+    for name, make in PRESETS.items():
+        config = make()
+        model = build_model(config, CharTokenizer.english())
+        encoder = sum(p.numel() for p in model.encoder.parameters())
+        table.add_row(
+            name,
+            f"{model.num_parameters() / 1e6:.2f} M",
+            f"{encoder / 1e6:.2f} M",
+            config.decoder + (" + ctc" if config.ctc else ""),
+            f"{config.encoder.d_model} x {config.encoder.n_layers}",
+        )
+    # Off a terminal (pipes, logs) rich assumes 80 columns and would wrap the names.
+    Console(width=None if sys.stdout.isatty() else 120).print(table)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from asrkd.training.pipeline import load_run_config, train
+
+    config = load_run_config(args.config, args.overrides)
+    result = train(config)
+    print(json.dumps({k: v for k, v in result.items() if k != "val_history"}, indent=2))
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from asrkd.training.pipeline import evaluate
+
+    metrics = evaluate(
+        args.ckpt, args.manifest, method=args.method, out_jsonl=args.out, threads=args.threads
+    )
+    print(
+        f"WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
+        f"(S {metrics['substitutions']}, D {metrics['deletions']}, I {metrics['insertions']} "
+        f"of {metrics['words']} words)  RTFx {metrics['rtfx']}  "
+        f"[{metrics['utterances']} utterances, {metrics['method']}, {metrics['threads']} threads]"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+
+
+def expand_audio_paths(paths: list[str]) -> list[Path]:
+    """Files as given; folders expand (recursively) to their audio files, sorted."""
+    from asrkd.data.audio_processing import AUDIO_EXTENSIONS
+
+    expanded: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_dir():
+            expanded.extend(
+                sorted(p for p in path.rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
+            )
+        elif path.is_file():
+            expanded.append(path)
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return expanded
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    import torch
+
+    from asrkd.data.audio_processing import AudioError, load_audio
+    from asrkd.models.e2e_asr import load_checkpoint
+
+    torch.set_num_threads(args.threads)
+    model = load_checkpoint(args.ckpt)
+    files = expand_audio_paths(args.paths)
+    if not files:
+        raise FileNotFoundError("no audio files found in " + ", ".join(args.paths))
+    rows = []
+    for path in files:
+        try:
+            audio = load_audio(path)
+        except AudioError as error:
+            print(f"skipped: {error}", file=sys.stderr)
+            continue
+        start = time.perf_counter()
+        hypothesis = model.infer(
+            torch.from_numpy(audio)[None], torch.tensor([len(audio)]), method=args.method
+        )[0]
+        elapsed = time.perf_counter() - start
+        print(f"{path}\t{hypothesis.text}")
+        rows.append(
+            {
+                "audio_filepath": str(path),
+                "duration": round(len(audio) / 16000, 3),
+                "text": hypothesis.text,
+                "seconds": round(elapsed, 4),
+            }
+        )
+    if args.out:
+        with Path(args.out).open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from asrkd.demo import run_demo
+
+    run_demo(
+        report_dir=args.out, corpus_dir=args.corpus, exp_dir=args.exp, quick=args.quick
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="asrkd", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    corpus = sub.add_parser("corpus", help="build the embedded default speech corpus")
+    corpus.add_argument("--out", default="data/default")
+    corpus.add_argument("--seed", type=int, default=0)
+    corpus.add_argument("--train", type=int, default=3000)
+    corpus.add_argument("--val", type=int, default=300)
+    corpus.add_argument("--test", type=int, default=300)
+    corpus.add_argument("--workers", type=int, default=2)
+    corpus.add_argument("--force", action="store_true", help="rebuild even if present")
+    corpus.set_defaults(func=cmd_corpus)
+
+    presets = sub.add_parser("presets", help="print each model preset's parameter count")
+    presets.set_defaults(func=cmd_presets)
+
+    train = sub.add_parser(
+        "train",
+        help="train a model (teacher, student, or KD student)",
+        description="Config files merge over configs/*.yaml in order; then dotted overrides, "
+        "e.g. --trainer.max_epochs 5 --model.encoder.d_model 144 training.kd.alpha=0.7",
+    )
+    train.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("evaluate", help="WER/CER/RTFx of a checkpoint on a manifest")
+    evaluate.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"default: {DEFAULT_CKPT}")
+    evaluate.add_argument("--manifest", default="data/default/test.jsonl")
+    evaluate.add_argument("--method", default=None, help="decoding method (default: model's)")
+    evaluate.add_argument("--out", default=None, help="per-utterance results (JSONL)")
+    evaluate.add_argument("--json", default=None, help="write the metrics as JSON")
+    evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    infer = sub.add_parser("infer", help="transcribe audio files or folders")
+    infer.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"default: {DEFAULT_CKPT}")
+    infer.add_argument(
+        "paths", nargs="*", default=["data/default/wav/test"],
+        help="audio files or folders (default: the default corpus's test audio)",
+    )
+    infer.add_argument("--method", default=None)
+    infer.add_argument("--out", default=None, help="write JSONL with text and timing")
+    infer.add_argument("--threads", type=int, default=2)
+    infer.set_defaults(func=cmd_infer)
+
+    demo = sub.add_parser("demo", help="corpus -> teacher -> student -> KD student -> report")
+    demo.add_argument("--out", default="reports/demo")
+    demo.add_argument("--corpus", default="data/default")
+    demo.add_argument("--exp", default="exp/demo")
+    demo.add_argument("--quick", action="store_true", help="tiny run to check the pipeline")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, unknown = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.overrides = unknown
+    elif unknown:
+        parser.error(f"unrecognised arguments: {' '.join(unknown)}")
+    try:
+        args.func(args)
+    except _user_errors() as error:
+        print(f"asrkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        # Config validation (dataclass __post_init__, KD compatibility) raises ValueError
+        # with a message meant for the user.
+        print(f"asrkd {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

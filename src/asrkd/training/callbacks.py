@@ -1,0 +1,106 @@
+"""Cross-cutting training concerns as Lightning callbacks."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+
+import lightning as L
+import torch
+
+
+def parameters_fingerprint(module: torch.nn.Module) -> str:
+    """SHA-256 over every parameter and buffer, bit for bit."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+class TeacherStaysFrozen(L.Callback):
+    """Fails the run the moment the teacher leaves eval mode, gets a gradient, or changes."""
+
+    def __init__(self, check_every_n_batches: int = 50) -> None:
+        self.check_every = check_every_n_batches
+        self.fingerprint: str | None = None
+
+    @staticmethod
+    def _teacher(pl_module: L.LightningModule):  # noqa: ANN205
+        return getattr(pl_module, "teacher", None)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        teacher = self._teacher(pl_module)
+        if teacher is not None:
+            self.fingerprint = parameters_fingerprint(teacher)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        teacher = self._teacher(pl_module)
+        if teacher is None or batch_idx % self.check_every:
+            return
+        if any(module.training for module in teacher.modules()):
+            raise RuntimeError("the teacher left eval mode during training")
+        if any(p.requires_grad or p.grad is not None for p in teacher.parameters()):
+            raise RuntimeError("a teacher parameter requires or holds a gradient")
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        teacher = self._teacher(pl_module)
+        if teacher is not None and parameters_fingerprint(teacher) != self.fingerprint:
+            raise RuntimeError("teacher weights changed during distillation")
+
+
+class TrainingTimer(L.Callback):
+    """Wall-clock seconds spent in ``fit`` (reported in the demo table)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+
+    def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._start = time.perf_counter()
+
+    def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self.seconds = time.perf_counter() - self._start
+
+
+class ValidationHistory(L.Callback):
+    """Keeps (step, val_wer, val_cer, val_loss) after every validation, for the report plots."""
+
+    def __init__(self) -> None:
+        self.history: list[dict] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        for key in ("val_wer", "val_cer", "val_loss"):
+            if key in metrics:
+                row[key] = float(metrics[key])
+        self.history.append(row)
+
+
+class PlainProgress(L.Callback):
+    """One line every ``every`` steps (for logs and CI, where a live progress bar is noise)."""
+
+    def __init__(self, every: int = 25) -> None:
+        self.every = every
+        self._start = 0.0
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        step = trainer.global_step
+        if step % self.every or not trainer.is_global_zero:
+            return
+        elapsed = time.perf_counter() - self._start
+        total = trainer.max_steps if trainer.max_steps and trainer.max_steps > 0 else None
+        eta = f", eta {elapsed / step * (total - step):.0f} s" if total and step else ""
+        loss = trainer.callback_metrics.get("train/total")
+        loss_text = f" loss {float(loss):.3f}" if loss is not None else ""
+        print(
+            f"step {step}{'/' + str(total) if total else ''}{loss_text} "
+            f"({elapsed:.0f} s{eta})",
+            flush=True,
+        )

@@ -1,0 +1,273 @@
+"""Run configuration and the train / evaluate entry points behind the CLI and scripts."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from asrkd.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, to_dict
+from asrkd.data.datamodule import ASRDataModule
+from asrkd.data.dataset import ManifestDataset
+from asrkd.data.tokenizer import Tokenizer, build_tokenizer
+from asrkd.modelmodule import ModelModule, OptimConfig
+from asrkd.models.distillation import KDConfig
+from asrkd.models.e2e_asr import (
+    E2EASR,
+    ModelConfig,
+    load_checkpoint,
+    pad_waveforms,
+    read_checkpoint,
+    save_checkpoint,
+)
+from asrkd.models.presets import get_preset
+from asrkd.training.losses import ASRLossConfig
+from asrkd.training.trainer import build_trainer
+from asrkd.utils.metrics import char_errors, corpus_error_rates, word_errors
+
+ROOT = Path(__file__).resolve().parents[3]
+CONFIG_DIR = ROOT / "configs"
+BASE_CONFIGS = ("model_config.yaml", "data_config.yaml", "training_config.yaml")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Manifests and batching (see :class:`~asrkd.data.datamodule.ASRDataModule`)."""
+
+    train_manifest: str | None = "data/default/train.jsonl"
+    val_manifest: str | None = "data/default/val.jsonl"
+    test_manifest: str | None = "data/default/test.jsonl"
+    max_batch_seconds: float = 120.0
+    max_batch_size: int | None = 64
+    eval_max_batch_seconds: float | None = 240.0
+    num_workers: int = 0
+    min_duration: float | None = 0.1
+    max_duration: float | None = 20.0
+    strict: bool = True
+    speed_factors: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class TrainingConfig:
+    """What to optimise and how."""
+
+    use_kd: bool = False
+    teacher_checkpoint: str | None = None
+    distil_final_output: bool = True
+    kd: KDConfig = field(default_factory=KDConfig)
+    asr_loss: ASRLossConfig = field(default_factory=ASRLossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    val_decoding: str = "ctc_greedy"
+    early_stopping_patience: int | None = None
+    tokenizer_from: str | None = None  # checkpoint whose tokenizer to reuse (KD: the teacher's)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """One training run: model (a preset plus overrides), data, training, Lightning trainer."""
+
+    name: str = "run"
+    output_dir: str = "exp/run"
+    seed: int = 0
+    model_preset: str = "teacher_cpu"
+    model: dict = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    trainer: dict = field(default_factory=dict)
+
+    def model_config(self) -> ModelConfig:
+        """The preset with ``model`` overrides applied (unknown keys are errors)."""
+        base = to_dict(get_preset(self.model_preset))
+        return from_dict(ModelConfig, deep_merge(base, self.model), "model")
+
+
+def load_run_config(
+    config_paths: list[str | Path] | None = None, overrides: list[str] | None = None
+) -> RunConfig:
+    """Merge the base YAML files, then ``config_paths`` in order, then dotted overrides."""
+    merged: dict = {}
+    for name in BASE_CONFIGS:
+        if (CONFIG_DIR / name).is_file():
+            merged = deep_merge(merged, load_yaml(CONFIG_DIR / name))
+    for path in config_paths or []:
+        merged = deep_merge(merged, load_yaml(path))
+    merged = deep_merge(merged, parse_overrides(overrides or []))
+    config = from_dict(RunConfig, merged)
+    config.model_config()  # validate model overrides now, with the key named
+    return config
+
+
+def _resolve(path: str | None) -> str | None:
+    """Relative paths in configs are relative to the project root (so scripts run anywhere)."""
+    if path is None:
+        return None
+    candidate = Path(path)
+    return str(candidate if candidate.is_absolute() else ROOT / candidate)
+
+
+def _tokenizer(config: RunConfig, model_config: ModelConfig) -> Tokenizer:
+    source = config.training.tokenizer_from or (
+        config.training.teacher_checkpoint if config.training.use_kd else None
+    )
+    if source is not None:
+        from asrkd.data.tokenizer import tokenizer_from_dict
+
+        return tokenizer_from_dict(read_checkpoint(_resolve(source))["tokenizer"])
+    kind = model_config.tokenizer.kind
+    texts = None
+    if kind != "char":
+        dataset = ManifestDataset(_resolve(config.data.train_manifest), strict=config.data.strict)
+        texts = [entry.text for entry in dataset.entries]
+    return build_tokenizer(kind, texts, model_config.tokenizer.vocab_size)
+
+
+def train(config: RunConfig) -> dict:
+    """Train one model; write ``<output_dir>/model.ckpt`` (asrkd format, student only) and
+    ``<output_dir>/train_result.json``. Returns that result."""
+    L.seed_everything(config.seed, workers=True)
+    output_dir = Path(_resolve(config.output_dir))
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model_config = config.model_config()
+    tokenizer = _tokenizer(config, model_config)
+    training = config.training
+    module = ModelModule(
+        model_config,
+        tokenizer.to_dict(),
+        use_kd=training.use_kd,
+        teacher_checkpoint=_resolve(training.teacher_checkpoint),
+        kd_config=training.kd,
+        asr_loss=training.asr_loss,
+        optim=training.optim,
+        val_decoding=training.val_decoding,
+        distil_final_output=training.distil_final_output,
+    )
+    data = config.data
+    datamodule = ASRDataModule(
+        train_manifest=_resolve(data.train_manifest),
+        val_manifest=_resolve(data.val_manifest),
+        test_manifest=_resolve(data.test_manifest),
+        max_batch_seconds=data.max_batch_seconds,
+        max_batch_size=data.max_batch_size,
+        eval_max_batch_seconds=data.eval_max_batch_seconds,
+        num_workers=data.num_workers,
+        min_duration=data.min_duration,
+        max_duration=data.max_duration,
+        strict=data.strict,
+        speed_factors=data.speed_factors,
+        seed=config.seed,
+    )
+    datamodule.attach_tokenizer(tokenizer)
+    trainer, callbacks = build_trainer(
+        config.trainer, output_dir, training.early_stopping_patience
+    )
+    (output_dir / "run_config.json").write_text(json.dumps(asdict(config), indent=2))
+    trainer.fit(module, datamodule=datamodule)
+    best = callbacks["checkpoint"].best_model_path
+    if best and trainer.is_global_zero:
+        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state)
+    result = {
+        "name": config.name,
+        "checkpoint": str(output_dir / "model.ckpt"),
+        "params": module.model.num_parameters(),
+        "train_seconds": round(callbacks["timer"].seconds, 1),
+        "best_val_wer": _float(callbacks["checkpoint"].best_model_score),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "val_history": callbacks["history"].history,
+        "skipped_batches": module.skipped_batches,
+    }
+    if trainer.is_global_zero:
+        save_checkpoint(module.model, output_dir / "model.ckpt", extra={"train": result})
+        (output_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def _float(value: torch.Tensor | float | None) -> float | None:
+    return None if value is None else round(float(value), 4)
+
+
+def evaluate(
+    checkpoint: str | Path | E2EASR,
+    manifest: str | Path,
+    method: str | None = None,
+    out_jsonl: str | Path | None = None,
+    batch_seconds: float = 240.0,
+    threads: int | None = 2,
+    strict: bool = True,
+) -> dict:
+    """WER/CER/S/D/I and RTFx of a checkpoint on a manifest; per-utterance JSONL optional.
+
+    RTFx = seconds of audio / seconds of compute (feature extraction + model + decoding,
+    excluding file reading), measured with ``threads`` intra-op threads.
+    """
+    model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
+    model.eval()
+    dataset = ManifestDataset(manifest, strict=strict)
+    previous_threads = torch.get_num_threads()
+    if threads:
+        torch.set_num_threads(threads)
+    normalizer = model.tokenizer.normalizer
+    order = sorted(range(len(dataset)), key=lambda i: dataset.entries[i].duration)
+    rows, compute, audio_seconds = [], 0.0, 0.0
+    try:
+        batch: list[int] = []
+        batches = []
+        for index in order:
+            longest = dataset.entries[index].duration
+            if batch and longest * (len(batch) + 1) > batch_seconds:
+                batches.append(batch)
+                batch = []
+            batch.append(index)
+        if batch:
+            batches.append(batch)
+        for batch in batches:
+            items = [dataset[i] for i in batch]
+            audio, lengths = pad_waveforms([item["audio"] for item in items])
+            start = time.perf_counter()
+            hypotheses = model.infer(audio, lengths, method=method)
+            elapsed = time.perf_counter() - start
+            compute += elapsed
+            seconds = float(lengths.sum()) / model.features.config.sample_rate
+            audio_seconds += seconds
+            for item, hypothesis, length in zip(items, hypotheses, lengths):
+                entry = dataset.entries[item["index"]]
+                reference = normalizer(entry.text or "")
+                rows.append(
+                    {
+                        "audio_filepath": str(entry.audio_filepath),
+                        "duration": round(float(length) / 16000, 3),
+                        "reference": reference,
+                        "hypothesis": hypothesis.text,
+                        "wer": round(word_errors(reference, hypothesis.text).rate, 4),
+                        "cer": round(char_errors(reference, hypothesis.text).rate, 4),
+                    }
+                )
+    finally:
+        torch.set_num_threads(previous_threads)
+    metrics = corpus_error_rates([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
+    metrics.update(
+        {
+            "utterances": len(rows),
+            "audio_seconds": round(audio_seconds, 2),
+            "compute_seconds": round(compute, 3),
+            "rtfx": round(audio_seconds / max(compute, 1e-9), 1),
+            "method": method or model.default_method(),
+            "threads": threads,
+        }
+    )
+    if out_jsonl is not None:
+        out_jsonl = Path(out_jsonl)
+        out_jsonl.parent.mkdir(parents=True, exist_ok=True)
+        with out_jsonl.open("w", encoding="utf-8") as handle:
+            for row in rows:
+                handle.write(json.dumps(row) + "\n")
+    return metrics
+
+
+__all__ = ["ConfigError", "DataConfig", "RunConfig", "TrainingConfig", "evaluate",
+           "load_run_config", "train"]

@@ -1,0 +1,93 @@
+"""The command line and the main job, end to end on tiny data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from asrkd.cli import expand_audio_paths, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "asrkd.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, cwd=ROOT)
+
+
+def test_user_errors_are_one_line_and_nonzero(tmp_path):
+    process = run_cli("train", "--model.encoder.d_modle", "3")
+    assert process.returncode == 2
+    assert process.stderr.strip().count("\n") == 0
+    assert "unknown config key 'model.encoder.d_modle'" in process.stderr
+    process = run_cli("evaluate", "--ckpt", str(tmp_path / "none.ckpt"))
+    assert process.returncode == 2 and "not found" in process.stderr
+    assert "Traceback" not in process.stderr
+
+
+def test_infer_folder_expands_to_audio_only(tmp_path):
+    (tmp_path / "a.wav").write_bytes(b"")
+    (tmp_path / "notes.txt").write_text("not audio")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.flac").write_bytes(b"")
+    assert [p.name for p in expand_audio_paths([str(tmp_path)])] == ["a.wav", "b.flac"]
+    with pytest.raises(FileNotFoundError):
+        expand_audio_paths([str(tmp_path / "missing")])
+
+
+def test_presets_command_prints_parameter_counts(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher_cpu" in out and "student_cpu" in out and "fastconformer_large" in out
+
+
+@pytest.mark.slow
+def test_quick_demo_writes_report_and_metrics(tmp_path):
+    process = run_cli("demo", "--quick", "--out", str(tmp_path / "report"), "--corpus",
+                      str(tmp_path / "corpus"), "--exp", str(tmp_path / "exp"))
+    assert process.returncode == 0, process.stderr[-3000:]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    for name in ("teacher", "student", "student_kd"):
+        for key in ("params", "checkpoint_mb", "wer", "cer", "rtfx", "train_seconds",
+                    "checkpoint"):
+            assert key in metrics[name], (name, key)
+        assert Path(metrics[name]["checkpoint"]).is_file()
+    assert metrics["student"]["params"] <= 0.25 * metrics["teacher"]["params"]
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "| student_kd |" in report
+    assert (tmp_path / "report" / "wer_vs_params.png").stat().st_size > 1000
+    # evaluate and infer work on what the demo produced
+    checkpoint = metrics["student_kd"]["checkpoint"]
+    process = run_cli("evaluate", "--ckpt", checkpoint, "--manifest",
+                      str(tmp_path / "corpus" / "test.jsonl"), "--out", str(tmp_path / "u.jsonl"))
+    assert process.returncode == 0 and "WER" in process.stdout, process.stderr[-2000:]
+    rows = [json.loads(x) for x in (tmp_path / "u.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and {"reference", "hypothesis", "wer"} <= set(rows[0])
+    process = run_cli("infer", "--ckpt", checkpoint, str(tmp_path / "corpus" / "wav" / "test"),
+                      "--out", str(tmp_path / "i.jsonl"))
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert len((tmp_path / "i.jsonl").read_text().splitlines()) == 6
+    # re-running reuses every finished stage
+    process = run_cli("demo", "--quick", "--out", str(tmp_path / "report"), "--corpus",
+                      str(tmp_path / "corpus"), "--exp", str(tmp_path / "exp"))
+    assert process.returncode == 0 and process.stdout.count("reusing") == 3
+
+
+@pytest.mark.slow
+def test_fsdd_recipe_quick(tmp_path, fsdd_dir):
+    process = subprocess.run(
+        [sys.executable, "recipes/fsdd/run.py", "--quick", "--shared", str(fsdd_dir),
+         "--out", str(tmp_path / "report"), "--exp", str(tmp_path / "exp")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert set(metrics) == {"teacher", "student", "student_kd"}
+    splits = {s: {json.loads(x)["speaker"] for x in
+                  (tmp_path / "exp" / "manifests" / f"{s}.jsonl").read_text().splitlines()}
+              for s in ("train", "val", "test")}
+    assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["val"])
