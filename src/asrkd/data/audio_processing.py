@@ -159,6 +159,9 @@ class LogMelFeatures(nn.Module):
             config.n_fft, config.n_mels, config.sample_rate, config.f_min, config.f_max
         )
         self.register_buffer("fbank", torch.from_numpy(fbank), persistent=False)
+        self.register_buffer(
+            "fbank_pairs", torch.from_numpy(fbank).repeat_interleave(2, dim=0), persistent=False
+        )
 
     @property
     def frame_rate(self) -> float:
@@ -193,8 +196,13 @@ class LogMelFeatures(nn.Module):
             center=False,
             return_complex=True,
         )  # (B, F, T)
-        power = (spec.real.square() + spec.imag.square()).float()
-        mel = torch.matmul(power.transpose(1, 2), self.fbank)  # (B, T, n_mels)
+        # Round to float32 right after the FFT (the precision problem is the FFT's accumulated
+        # round-off, not the storage of its result). |X|^2 = re^2 + im^2 is folded into the mel
+        # matmul: interleaved (re, im) pairs meet a filterbank with every row doubled, which is
+        # much cheaper than strided .real/.imag views or a sum over a size-2 axis.
+        batch, bins, frames = spec.shape
+        pairs = torch.view_as_real(spec.transpose(1, 2)).float().reshape(batch, frames, 2 * bins)
+        mel = torch.matmul(pairs.square(), self.fbank_pairs)  # (B, T, n_mels)
         features = torch.log(mel + config.log_floor)
         lengths = self.output_lengths(audio_lengths).clamp(max=features.shape[1])
         frame_mask = (
