@@ -33,6 +33,7 @@ def tiny_config(decoder: str = "transformer", ctc: bool = True) -> ModelConfig:
         frontend=ResNet1DConfig(channels=(32,), strides=(1,)),
         encoder=FastConformerConfig(
             d_model=64, n_heads=2, n_layers=2, subsampling_channels=32, dropout=0.0,
+            conv_norm="layer_norm",
             dropout_pre_encoder=0.0, dropout_att=0.0,
         ),
         decoder=decoder,
@@ -140,12 +141,15 @@ def test_transcribe_reads_files(tmp_path, ljspeech_dir):
 
 
 def _overfit(decoder: str, corpus: Path, steps: int) -> float:
-    """Train a small model on 20 utterances; return its CER on them."""
-    from asrkd.data.dataset import ManifestDataset, collate_batch
+    """Train a small model on 20 utterances (BPE: 8x subsampling leaves too few frames for
+    characters); return its CER on them."""
+    from asrkd.data.dataset import ManifestDataset, collate_batch, read_manifest
+    from asrkd.data.tokenizer import build_tokenizer
     from asrkd.utils.metrics import corpus_error_rates
 
     torch.manual_seed(0)
-    tokenizer = CharTokenizer.english()
+    texts = [entry.text for entry in read_manifest(corpus / "train.jsonl")[0]]
+    tokenizer = build_tokenizer("bpe", texts, vocab_size=96)
     config = replace(
         tiny_config(decoder),
         encoder=replace(tiny_config().encoder, d_model=96, n_layers=3, n_heads=4,
@@ -168,7 +172,9 @@ def _overfit(decoder: str, corpus: Path, steps: int) -> float:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    method = {"transformer": "attention_greedy", "rnnt": "rnnt_greedy", "none": "ctc_greedy"}
+    # The hybrid model's default: attention beam search with joint CTC scoring (pure attention
+    # greedy search still loops on a few utterances after this little training).
+    method = {"transformer": "attention_beam", "rnnt": "rnnt_greedy", "none": "ctc_greedy"}
     hypotheses, references = [], []
     for batch in batches:
         found = model.infer(batch["audio"], batch["audio_lengths"], method=method[decoder])
@@ -180,5 +186,5 @@ def _overfit(decoder: str, corpus: Path, steps: int) -> float:
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["none", "transformer", "rnnt"])
 def test_learning_is_real(decoder, tiny_corpus):
-    cer = _overfit(decoder, tiny_corpus, steps=250)
+    cer = _overfit(decoder, tiny_corpus, steps=350 if decoder == "transformer" else 200)
     assert cer < 0.05, f"{decoder}: CER {cer:.3f} on its 20 training utterances"

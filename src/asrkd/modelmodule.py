@@ -15,6 +15,7 @@ from asrkd.models.distillation import KDConfig, KDWrapper
 from asrkd.models.e2e_asr import E2EASR, ModelConfig, build_model
 from asrkd.models.teacher_model import load_teacher
 from asrkd.training.losses import ASRLoss, ASRLossConfig
+from asrkd.training.teacher_cache import TeacherCache
 from asrkd.utils.metrics import ErrorCounts, char_errors, word_errors
 
 
@@ -56,6 +57,8 @@ class ModelModule(L.LightningModule):
         tokenizer: tokenizer dict (``Tokenizer.to_dict()``); with KD the teacher's is used.
         use_kd: wrap a frozen teacher and the student in a :class:`KDWrapper`.
         teacher_checkpoint: path of the trained teacher (asrkd checkpoint) when ``use_kd``.
+        teacher_cache: a file from ``asrkd cache-teacher``; KD then reads the teacher's stored
+            CTC posteriors and the teacher is not loaded (``kd.losses`` must be ``[ctc_kl]``).
         kd_config: :class:`KDConfig` (or dict).
         asr_loss: :class:`ASRLossConfig` (or dict).
         optim: :class:`OptimConfig` (or dict).
@@ -75,6 +78,7 @@ class ModelModule(L.LightningModule):
         val_decoding: str = "ctc_greedy",
         distil_final_output: bool = True,
         examples_to_log: int = 3,
+        teacher_cache: str | None = None,
     ) -> None:
         super().__init__()
 
@@ -100,6 +104,7 @@ class ModelModule(L.LightningModule):
                 "val_decoding": val_decoding,
                 "distil_final_output": distil_final_output,
                 "examples_to_log": examples_to_log,
+                "teacher_cache": teacher_cache,
             }
         )
         self.tokenizer: Tokenizer = tokenizer_from_dict(tokenizer)
@@ -108,7 +113,13 @@ class ModelModule(L.LightningModule):
         self.asr_loss = ASRLoss(self.asr_loss_config)
         self.model: E2EASR = build_model(self.model_config, self.tokenizer)
         self.kd: KDWrapper | None = None
-        if use_kd:
+        if use_kd and teacher_cache is not None:
+            # Offline KD: the cache replaces the teacher, which is never loaded.
+            self.kd = KDWrapper.from_config(
+                None, self.model, self.asr_loss, self.kd_config, distil_final_output,
+                teacher_cache=TeacherCache(teacher_cache),
+            )
+        elif use_kd:
             if teacher_checkpoint is None:
                 raise ValueError("use_kd needs training.teacher_checkpoint (a trained teacher)")
             teacher = load_teacher(teacher_checkpoint)
@@ -124,6 +135,8 @@ class ModelModule(L.LightningModule):
         self._val_chars = ErrorCounts()
         self._val_examples: list[tuple[str, str]] = []
         self.skipped_batches = 0
+        self.impossible_ctc = 0
+        self._warned_impossible = False
 
     @property
     def student(self) -> E2EASR:
@@ -146,10 +159,33 @@ class ModelModule(L.LightningModule):
 
     def loss_parts(self, batch: dict) -> dict[str, torch.Tensor]:
         targets, target_lengths = self._targets(batch)
+        if self.training:
+            self._count_impossible_ctc(batch, target_lengths)
         if self.kd is not None:
-            return self.kd(batch["audio"], batch["audio_lengths"], targets, target_lengths)
+            return self.kd(
+                batch["audio"], batch["audio_lengths"], targets, target_lengths, batch.get("keys")
+            )
         output = self.model(batch["audio"], batch["audio_lengths"], targets, target_lengths)
         return self.asr_loss(output, targets, target_lengths)
+
+    def _count_impossible_ctc(self, batch: dict, target_lengths: torch.Tensor) -> None:
+        """Count utterances with fewer encoder frames than tokens: CTC cannot align them and
+        ``zero_infinity`` turns their loss into 0, so without this the model quietly learns
+        nothing from them (too many tokens per second for the subsampling)."""
+        if self.model.ctc is None:
+            return
+        frames = self.model.features.output_lengths(batch["audio_lengths"])
+        frames = frames // self.model.subsampling_factor
+        impossible = int((frames < target_lengths.to(frames.device)).sum())
+        self.impossible_ctc += impossible
+        if impossible and not self._warned_impossible:
+            self._warned_impossible = True
+            rank_zero_info(
+                f"warning: {impossible} utterances in a batch have more tokens than encoder "
+                "frames, so CTC cannot learn them; use a subword tokenizer or a smaller "
+                "subsampling_factor (counted in train/impossible_ctc)"
+            )
+        self.log("train/impossible_ctc", float(self.impossible_ctc), batch_size=len(frames))
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
         parts = self.loss_parts(batch)
