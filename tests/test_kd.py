@@ -191,3 +191,33 @@ def test_ddp_two_processes_on_cpu(tmp_path, tiny_corpus):
     assert process.returncode == 0, process.stderr[-3000:]
     result = json.loads((tmp_path / "ddp" / "train_result.json").read_text())
     assert result["steps"] == 2
+
+
+def test_kd_from_teacher_cache_equals_online_kd(tmp_path, tiny_corpus):
+    from asrkd.data.dataset import ManifestDataset, collate_batch
+    from asrkd.training.teacher_cache import TeacherCache, cache_teacher
+
+    tokenizer = CharTokenizer.english()
+    teacher_path = _teacher_checkpoint(tmp_path)
+    manifest = tiny_corpus / "train.jsonl"
+    cache_teacher(teacher_path, manifest, tmp_path / "cache.pt", top_k=tokenizer.vocab_size)
+    torch.manual_seed(3)
+    student = build_model(tiny_config(), tokenizer)
+    config = KDConfig(losses=("ctc_kl",), temperature=2.0)
+    from asrkd.models.teacher_model import load_teacher
+
+    online = KDWrapper.from_config(load_teacher(teacher_path), student, ASRLoss(), config)
+    cached = KDWrapper.from_config(None, student, ASRLoss(), config,
+                                   teacher_cache=TeacherCache(tmp_path / "cache.pt"))
+    online.eval()
+    cached.eval()  # no dropout: both see the same student outputs
+    dataset = ManifestDataset(manifest, tokenizer)
+    batch = collate_batch([dataset[i] for i in range(4)])
+    args = (batch["audio"], batch["audio_lengths"], batch["targets"], batch["target_lengths"])
+    a = online(*args)
+    b = cached(*args, keys=batch["keys"])
+    assert torch.allclose(a["kd_ctc_kl"], b["kd_ctc_kl"], atol=1e-5)
+    assert torch.allclose(a["total"], b["total"], atol=1e-5)
+    with pytest.raises(ValueError, match="kd.losses to .ctc_kl."):
+        KDWrapper.from_config(None, student, ASRLoss(), KDConfig(),
+                              teacher_cache=TeacherCache(tmp_path / "cache.pt"))

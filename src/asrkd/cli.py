@@ -1,4 +1,5 @@
-"""The ``asrkd`` command: corpus, presets, train, evaluate, infer, demo.
+"""The ``asrkd`` command: corpus, presets, train, evaluate, infer, demo, cache-teacher,
+pseudo-label.
 
 User errors (bad config key, missing file, bad manifest line, unreadable checkpoint) end the
 command with one readable line on stderr and exit status 2; only bugs print tracebacks.
@@ -21,8 +22,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from asrkd.data.audio_processing import AudioError
     from asrkd.data.dataset import ManifestError
     from asrkd.models.e2e_asr import CheckpointError
+    from asrkd.training.teacher_cache import TeacherCacheKeyError
 
-    return (ConfigError, AudioError, ManifestError, CheckpointError, FileNotFoundError)
+    return (
+        ConfigError, AudioError, ManifestError, CheckpointError, FileNotFoundError,
+        TeacherCacheKeyError,
+    )
 
 
 def cmd_corpus(args: argparse.Namespace) -> None:
@@ -154,7 +159,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="asrkd", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="asrkd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
     corpus = sub.add_parser("corpus", help="build the embedded default speech corpus")
@@ -205,6 +210,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--exp", default="exp/demo")
     demo.add_argument("--quick", action="store_true", help="tiny run to check the pipeline")
     demo.set_defaults(func=cmd_demo)
+
+    from asrkd.training.pseudo_labels import add_pseudo_label_parser
+    from asrkd.training.teacher_cache import add_cache_teacher_parser
+
+    add_cache_teacher_parser(sub)
+    add_pseudo_label_parser(sub)
     return parser
 
 

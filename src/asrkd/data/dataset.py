@@ -36,6 +36,18 @@ class ManifestEntry:
     line: int = 0
 
 
+def utterance_key(audio_filepath: str | Path | ManifestEntry, offset: float = 0.0) -> str:
+    """A stable id of one utterance: its resolved audio path, plus ``@offset`` if nonzero.
+
+    Several utterances cut from one file differ by offset, so the offset is part of the key.
+    The teacher cache is keyed by it.
+    """
+    if isinstance(audio_filepath, ManifestEntry):
+        audio_filepath, offset = audio_filepath.audio_filepath, audio_filepath.offset
+    path = str(Path(audio_filepath).resolve())
+    return f"{path}@{float(offset)!r}" if offset else path
+
+
 @dataclass
 class ManifestReport:
     """What reading a manifest kept, filtered and skipped (and why)."""
@@ -253,18 +265,38 @@ class ManifestDataset(Dataset):
         )
         if self.speed_factors:
             audio = speed_perturb(audio, random.choice(self.speed_factors), self.sample_rate)
-        item = {"audio": torch.from_numpy(audio), "text": entry.text or "", "index": index}
+        item = {
+            "audio": torch.from_numpy(audio),
+            "text": entry.text or "",
+            "index": index,
+            "key": utterance_key(entry),
+        }
         if self.tokenizer is not None and entry.text:
             item["tokens"] = torch.tensor(self.tokenizer.encode(entry.text), dtype=torch.long)
         return item
+
+
+def duration_batches(entries: list[ManifestEntry], batch_seconds: float) -> list[list[int]]:
+    """Indices grouped by ascending duration so that padded audio stays under batch_seconds."""
+    order = sorted(range(len(entries)), key=lambda i: entries[i].duration)
+    batches: list[list[int]] = []
+    batch: list[int] = []
+    for index in order:
+        if batch and entries[index].duration * (len(batch) + 1) > batch_seconds:
+            batches.append(batch)
+            batch = []
+        batch.append(index)
+    if batch:
+        batches.append(batch)
+    return batches
 
 
 def collate_batch(items: list[dict]) -> dict:
     """Pad a list of dataset items into a batch.
 
     Returns a dict with ``audio`` (B, S), ``audio_lengths`` (B,), ``texts``, ``indices`` (B,),
-    and, when items carry tokens, ``targets`` (B, U) padded with ``<pad>`` and
-    ``target_lengths`` (B,).
+    ``keys`` (utterance ids, see :func:`utterance_key`) and, when items carry tokens,
+    ``targets`` (B, U) padded with ``<pad>`` and ``target_lengths`` (B,).
     """
     audio_lengths = torch.tensor([len(item["audio"]) for item in items], dtype=torch.long)
     audio = torch.zeros(len(items), int(audio_lengths.max()))
@@ -275,6 +307,7 @@ def collate_batch(items: list[dict]) -> dict:
         "audio_lengths": audio_lengths,
         "texts": [item["text"] for item in items],
         "indices": torch.tensor([item["index"] for item in items], dtype=torch.long),
+        "keys": [item["key"] for item in items],
     }
     if all("tokens" in item for item in items):
         target_lengths = torch.tensor([len(item["tokens"]) for item in items], dtype=torch.long)

@@ -25,6 +25,7 @@ from asrkd.training.kd_losses import (
     check_kd_compatibility,
     default_layer_map,
 )
+from asrkd.training.teacher_cache import CachedCTCFrameKD, TeacherCache
 
 
 @dataclass(frozen=True)
@@ -151,6 +152,10 @@ class KDLoss(nn.Module):
 class KDWrapper(nn.Module):
     """Distil ``teacher`` into ``student``.
 
+    With a :class:`~asrkd.training.teacher_cache.TeacherCache` (``asrkd cache-teacher``) the
+    frame-level CTC KD reads the teacher's stored top-k log-probs instead of running the
+    teacher, so long student runs pay for the teacher once; ``teacher`` may then be None.
+
     Args:
         teacher: trained E2EASR; frozen here (eval, ``requires_grad_(False)``, ``no_grad``).
         student: E2EASR to train; same vocabulary (and frame rate for frame-level KD).
@@ -166,19 +171,26 @@ class KDWrapper(nn.Module):
         teacher: E2EASR,
         student: E2EASR,
         asr_loss_fn: nn.Module,
-        kd_loss_fn: KDLoss,
+        kd_loss_fn: KDLoss | None,
         distil_final_output: bool = True,
         alpha: float = 0.5,
+        teacher_cache: TeacherCache | None = None,
     ) -> None:
         super().__init__()
-        teacher.requires_grad_(False)
-        teacher.eval()
+        if teacher is None and teacher_cache is None:
+            raise ValueError("KDWrapper needs a teacher or a teacher cache")
+        if teacher is not None:
+            teacher.requires_grad_(False)
+            teacher.eval()
         object.__setattr__(self, "teacher", teacher)  # deliberately not a submodule
+        self.teacher_cache = teacher_cache
+        self.cached_ctc_kd: CachedCTCFrameKD | None = None
+        self.cached_weight = 1.0
         self.student = student
         self.asr_loss_fn = asr_loss_fn
         self.kd_loss_fn = kd_loss_fn
         self.alpha = alpha
-        if not distil_final_output:
+        if not distil_final_output and kd_loss_fn is not None:
             kept = [name for name in kd_loss_fn.losses if name == "hidden"]
             if not kept:
                 raise ValueError(
@@ -198,19 +210,34 @@ class KDWrapper(nn.Module):
         asr_loss_fn: nn.Module,
         config: KDConfig,
         distil_final_output: bool = True,
+        teacher_cache: TeacherCache | None = None,
     ) -> KDWrapper:
+        if teacher_cache is not None:
+            if tuple(config.losses) != ("ctc_kl",):
+                raise ValueError(
+                    "a teacher cache holds CTC posteriors only: set kd.losses to [ctc_kl] "
+                    f"(got {list(config.losses)}), or train without training.teacher_cache"
+                )
+            teacher_cache.check_compatible(student)
+            wrapper = cls(teacher, student, asr_loss_fn, None, distil_final_output,
+                          config.alpha, teacher_cache)
+            wrapper.cached_ctc_kd = CachedCTCFrameKD(config.temperature, config.blank_weight)
+            wrapper.cached_weight = (config.weights or (1.0,))[0]
+            return wrapper
         kd_loss = KDLoss(config, teacher, student)
         return cls(teacher, student, asr_loss_fn, kd_loss, distil_final_output, config.alpha)
 
     def _apply(self, fn, recurse: bool = True):  # noqa: ANN001 - nn.Module's signature
         # .to()/.double()/.cuda() must move the teacher too, though it is not a child module.
         super()._apply(fn, recurse)
-        self.teacher._apply(fn, recurse)
+        if self.teacher is not None:
+            self.teacher._apply(fn, recurse)
         return self
 
     def train(self, mode: bool = True) -> KDWrapper:
         super().train(mode)
-        self.teacher.eval()  # never re-enable dropout or batch-norm updates in the teacher
+        if self.teacher is not None:
+            self.teacher.eval()  # never re-enable dropout or batch-norm updates in the teacher
         return self
 
     def forward(
@@ -219,8 +246,14 @@ class KDWrapper(nn.Module):
         audio_lengths: torch.Tensor,
         targets: torch.Tensor,
         target_lengths: torch.Tensor,
+        keys: list[str] | None = None,
     ) -> dict[str, torch.Tensor]:
-        """Loss parts: ``asr`` (+ its own parts), ``kd_<name>``, ``kd`` and ``total``."""
+        """Loss parts: ``asr`` (+ its own parts), ``kd_<name>``, ``kd`` and ``total``.
+
+        ``keys`` (utterance ids, the batch's ``keys``) are needed with a teacher cache.
+        """
+        if self.teacher_cache is not None:
+            return self._forward_cached(audio, audio_lengths, targets, target_lengths, keys)
         need_hidden = self.kd_loss_fn.needs_hidden
         with torch.no_grad():
             self.teacher.eval()
@@ -231,5 +264,33 @@ class KDWrapper(nn.Module):
         parts = {f"asr_{k}": v for k, v in asr_parts.items() if k != "total"}
         parts["asr"] = asr_parts["total"]
         parts.update(kd_parts)
+        parts["total"] = (1 - self.alpha) * parts["asr"] + self.alpha * parts["kd"]
+        return parts
+
+    def _forward_cached(
+        self,
+        audio: torch.Tensor,
+        audio_lengths: torch.Tensor,
+        targets: torch.Tensor,
+        target_lengths: torch.Tensor,
+        keys: list[str] | None,
+    ) -> dict[str, torch.Tensor]:
+        if keys is None:
+            raise ValueError("KD from a teacher cache needs the batch's utterance keys")
+        student_out = self.student(audio, audio_lengths, targets, target_lengths)
+        logits = student_out.ctc_logits
+        values, indices, teacher_lengths = self.teacher_cache.batch(
+            keys, logits.shape[1], logits.shape[-1]
+        )
+        device = logits.device
+        kd = self.cached_ctc_kd(
+            logits, values.to(device), indices.to(device), student_out.encoder_lengths,
+            teacher_lengths.to(device),
+        )
+        asr_parts = self.asr_loss_fn(student_out, targets, target_lengths)
+        parts = {f"asr_{k}": v for k, v in asr_parts.items() if k != "total"}
+        parts["asr"] = asr_parts["total"]
+        parts["kd_ctc_kl"] = kd
+        parts["kd"] = self.cached_weight * kd
         parts["total"] = (1 - self.alpha) * parts["asr"] + self.alpha * parts["kd"]
         return parts

@@ -12,7 +12,7 @@ import torch
 
 from asrkd.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from asrkd.data.datamodule import ASRDataModule
-from asrkd.data.dataset import ManifestDataset
+from asrkd.data.dataset import ManifestDataset, duration_batches
 from asrkd.data.tokenizer import Tokenizer, build_tokenizer
 from asrkd.modelmodule import ModelModule, OptimConfig
 from asrkd.models.distillation import KDConfig
@@ -64,6 +64,7 @@ class TrainingConfig:
     val_decoding: str = "ctc_greedy"
     early_stopping_patience: int | None = None
     tokenizer_from: str | None = None  # checkpoint whose tokenizer to reuse (KD: the teacher's)
+    teacher_cache: str | None = None  # `asrkd cache-teacher` output: offline CTC KD
 
 
 @dataclass(frozen=True)
@@ -144,6 +145,7 @@ def train(config: RunConfig) -> dict:
         optim=training.optim,
         val_decoding=training.val_decoding,
         distil_final_output=training.distil_final_output,
+        teacher_cache=_resolve(training.teacher_cache),
     )
     data = config.data
     datamodule = ASRDataModule(
@@ -160,6 +162,11 @@ def train(config: RunConfig) -> dict:
         speed_factors=data.speed_factors,
         seed=config.seed,
     )
+    if training.teacher_cache is not None and data.speed_factors:
+        raise ConfigError(
+            "training.teacher_cache stores the teacher's outputs for unperturbed audio; "
+            "set data.speed_factors to [] or train with the online teacher"
+        )
     datamodule.attach_tokenizer(tokenizer)
     trainer, callbacks = build_trainer(
         config.trainer, output_dir, training.early_stopping_patience
@@ -212,20 +219,9 @@ def evaluate(
     if threads:
         torch.set_num_threads(threads)
     normalizer = model.tokenizer.normalizer
-    order = sorted(range(len(dataset)), key=lambda i: dataset.entries[i].duration)
     rows, compute, audio_seconds = [], 0.0, 0.0
     try:
-        batch: list[int] = []
-        batches = []
-        for index in order:
-            longest = dataset.entries[index].duration
-            if batch and longest * (len(batch) + 1) > batch_seconds:
-                batches.append(batch)
-                batch = []
-            batch.append(index)
-        if batch:
-            batches.append(batch)
-        for batch in batches:
+        for batch in duration_batches(dataset.entries, batch_seconds):
             items = [dataset[i] for i in batch]
             audio, lengths = pad_waveforms([item["audio"] for item in items])
             start = time.perf_counter()

@@ -1,0 +1,347 @@
+"""Sequence-level KD: label (unlabelled) audio with a teacher's transcripts, keep the good ones.
+
+:func:`pseudo_label` transcribes every line of a manifest with the teacher, scores each
+transcript by the teacher's confidence (average log-probability per token) and, optionally,
+by its agreement with a second decoding of the same audio (e.g. CTC greedy vs attention beam
+search: 1 - CER between the two), keeps the lines that pass both thresholds
+(:func:`~asrkd.training.kd_losses.filter_pseudo_labels`) and writes them as a NeMo manifest a
+student can be trained on. When the input has reference text, the report also gives the WER
+of the kept pseudo-labels, i.e. how much label noise the student will see.
+
+Confidence per method (``Hypothesis.score`` means different things per decoder, so it is
+converted to one scale, the average log-probability per emitted unit):
+
+=================  ===============================================  =========================
+method             ``Hypothesis.score``                             confidence
+=================  ===============================================  =========================
+ctc_greedy         best-path log-prob (sum over frames)             score / max(n, 1)
+ctc_beam           prefix-merged log-prob of the label sequence     score / max(n, 1)
+rnnt_greedy/beam   log-prob of the (merged) alignment               score / max(n, 1)
+attention_greedy   log-prob of the tokens and eos                   score / (n + 1)
+attention_beam     raw / (n + 1) ** length_penalty, raw = (1 - w)   raw / (n + 1)
+                   log P_att + w log P_ctc (eos included)
+=================  ===============================================  =========================
+
+n is the number of tokens; the attention decoder's eos is a real prediction and counts as
+one more unit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+
+from asrkd.data.dataset import ManifestDataset, duration_batches
+from asrkd.models.common import Hypothesis
+from asrkd.models.e2e_asr import DECODING_METHODS, E2EASR, load_checkpoint, pad_waveforms
+from asrkd.training.kd_losses import filter_pseudo_labels
+from asrkd.utils.metrics import char_errors, corpus_error_rates
+
+DROP_REASONS = ("empty transcript", "low confidence", "low agreement")
+
+
+def per_token_confidence(hypothesis: Hypothesis, method: str, length_penalty: float = 1.0) -> float:
+    """The hypothesis's average log-probability per unit (see the module docstring's table).
+
+    Args:
+        hypothesis: a decoder's result (``tokens`` without bos/eos, ``score``).
+        method: the decoding method that produced it.
+        length_penalty: the exponent attention beam search normalised its score with.
+    """
+    n = len(hypothesis.tokens)
+    if method == "attention_beam":
+        # Undo the length normalisation, then average over the tokens plus eos.
+        return hypothesis.score * (n + 1) ** length_penalty / (n + 1)
+    if method == "attention_greedy":
+        return hypothesis.score / (n + 1)
+    return hypothesis.score / max(n, 1)
+
+
+def transcript_agreement(main: str, other: str) -> float:
+    """1 - CER of ``other`` against ``main``, clipped to [0, 1] (1: identical transcripts)."""
+    return max(0.0, 1.0 - char_errors(main, other).rate)
+
+
+def _check_method(model: E2EASR, method: str, what: str) -> None:
+    """Fail before any decoding if ``method`` cannot run on this model."""
+    if method not in DECODING_METHODS or method == "auto":
+        raise ValueError(
+            f"{what} {method!r} is not a decoding method; choose from "
+            f"{', '.join(m for m in DECODING_METHODS if m != 'auto')}"
+        )
+    family = method.split("_")[0]
+    needs = {
+        "ctc": model.ctc is not None,
+        "attention": model.decoder_type == "transformer",
+        "rnnt": model.decoder_type == "rnnt",
+    }
+    if not needs[family]:
+        hint = " (pass agreement_with=None / --agreement-with none)" if "agree" in what else ""
+        raise ValueError(
+            f"{what} {method!r} does not fit this teacher (decoder {model.decoder_type}, "
+            f"{'with' if model.ctc is not None else 'no'} CTC head){hint}"
+        )
+
+
+def pseudo_label(
+    checkpoint: str | Path | E2EASR,
+    manifest: str | Path,
+    out_manifest: str | Path,
+    method: str | None = None,
+    beam_size: int = 4,
+    min_confidence: float = -0.5,
+    agreement_with: str | None = "ctc_greedy",
+    min_agreement: float = 0.8,
+    batch_seconds: float = 120.0,
+) -> dict:
+    """Transcribe a manifest with the teacher and write the confident transcripts.
+
+    Args:
+        checkpoint: teacher checkpoint path or :class:`E2EASR`.
+        manifest: NeMo JSONL manifest; ``text`` is optional (unlabelled audio).
+        out_manifest: JSONL to write (atomically): one line per kept utterance, the input
+            line's fields with an absolute ``audio_filepath``, ``text`` = teacher transcript,
+            ``teacher_confidence``, ``teacher_agreement`` (when computed) and
+            ``original_text`` (when the input line had text).
+        method: teacher decoding method (None: the model's default, e.g. attention beam).
+        beam_size: beam for beam-search methods.
+        min_confidence: keep utterances whose per-token average log-prob is >= this.
+        agreement_with: second decoding method to compare with (None or "none": skip).
+        min_agreement: keep utterances whose agreement (1 - CER between the two decodings)
+            is >= this.
+        batch_seconds: padded audio seconds per teacher batch.
+
+    Returns:
+        Report: ``total``, ``kept``, ``kept_share``, ``dropped`` (reason -> count; one
+        utterance can fail several filters), ``mean_confidence``, ``mean_agreement``,
+        ``references`` (input lines with text), ``wer_kept`` / ``cer_kept`` (kept
+        pseudo-labels vs references; None without references or kept lines), ``wer_all``
+        (every transcript vs references, before filtering), ``warning`` (when nothing was
+        kept), settings and ``seconds``.
+    """
+    start = time.perf_counter()
+    model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
+    if agreement_with is None or agreement_with.strip().lower() in ("", "none"):
+        agreement_with = None
+    method = method or model.default_method()
+    _check_method(model, method, "method")
+    if agreement_with is not None:
+        _check_method(model, agreement_with, "agreement_with")
+    length_penalty = model.config.decoding.length_penalty if model.config is not None else 1.0
+    normalizer = model.tokenizer.normalizer
+
+    dataset = ManifestDataset(manifest, require_text=False)
+    entries = dataset.entries
+    hypotheses: list[Hypothesis | None] = [None] * len(entries)
+    agreement: list[float | None] = [None] * len(entries)
+    for batch in duration_batches(entries, batch_seconds):
+        items = [dataset[i] for i in batch]
+        audio, lengths = pad_waveforms([item["audio"] for item in items])
+        found = model.infer(audio, lengths, method=method, beam_size=beam_size)
+        second = None
+        if agreement_with is not None:
+            second = model.infer(audio, lengths, method=agreement_with, beam_size=beam_size)
+        for row, index in enumerate(batch):
+            hypotheses[index] = found[row]
+            if second is not None:
+                agreement[index] = transcript_agreement(found[row].text, second[row].text)
+
+    confidence = [per_token_confidence(h, method, length_penalty) for h in hypotheses]
+    n_tokens = [len(h.tokens) for h in hypotheses]
+    keep, share = filter_pseudo_labels(
+        confidence,
+        n_tokens,
+        min_confidence=min_confidence,
+        agreement=agreement if agreement_with is not None else None,
+        min_agreement=min_agreement,
+        scores_are_normalized=True,
+        drop_empty=True,  # an empty text line would be rejected by read_manifest
+    )
+    keep_list = keep.tolist()
+
+    dropped: Counter = Counter()
+    for index, kept in enumerate(keep_list):
+        if kept:
+            continue
+        # `not x >= t` (rather than x < t) also counts nan as failing, as the filter does.
+        if n_tokens[index] == 0:
+            dropped["empty transcript"] += 1
+        if not confidence[index] >= min_confidence:
+            dropped["low confidence"] += 1
+        if agreement[index] is not None and not agreement[index] >= min_agreement:
+            dropped["low agreement"] += 1
+
+    raw_lines = Path(manifest).read_bytes().splitlines()
+    out_manifest = Path(out_manifest)
+    out_manifest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_manifest.with_name(out_manifest.name + ".tmp")
+    with tmp.open("w", encoding="utf-8") as handle:
+        for index, entry in enumerate(entries):
+            if not keep_list[index]:
+                continue
+            # Keep every field of the input line (speaker, offset, ...), not just the parsed ones.
+            record = json.loads(raw_lines[entry.line - 1].decode("utf-8"))
+            original = record.pop("text", None)
+            # Absolute path: the output manifest may live in another folder than the input.
+            record["audio_filepath"] = str(entry.audio_filepath)
+            record["text"] = hypotheses[index].text
+            record["teacher_confidence"] = round(confidence[index], 4)
+            if agreement[index] is not None:
+                record["teacher_agreement"] = round(agreement[index], 4)
+            if original is not None:
+                record["original_text"] = original
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    tmp.replace(out_manifest)
+
+    labelled = [i for i, entry in enumerate(entries) if entry.text]
+    kept_labelled = [i for i in labelled if keep_list[i]]
+
+    def rates(indices: list[int]) -> dict | None:
+        if not indices:
+            return None
+        return corpus_error_rates(
+            [normalizer(entries[i].text) for i in indices],
+            [hypotheses[i].text for i in indices],
+        )
+
+    kept_rates, all_rates = rates(kept_labelled), rates(labelled)
+    finite = [c for c in confidence if math.isfinite(c)]
+    agreements = [a for a in agreement if a is not None]
+    kept_count = int(keep.sum())
+    report = {
+        "manifest": str(manifest),
+        "out_manifest": str(out_manifest),
+        "method": method,
+        "agreement_with": agreement_with,
+        "min_confidence": min_confidence,
+        "min_agreement": min_agreement if agreement_with is not None else None,
+        "total": len(entries),
+        "kept": kept_count,
+        "kept_share": round(share, 4),
+        "dropped": {reason: dropped[reason] for reason in DROP_REASONS if dropped[reason]},
+        "mean_confidence": round(sum(finite) / len(finite), 4) if finite else None,
+        "mean_agreement": round(sum(agreements) / len(agreements), 4) if agreements else None,
+        "references": len(labelled),
+        "wer_kept": None if kept_rates is None else round(kept_rates["wer"], 4),
+        "cer_kept": None if kept_rates is None else round(kept_rates["cer"], 4),
+        "wer_all": None if all_rates is None else round(all_rates["wer"], 4),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+    if entries and kept_count == 0:
+        report["warning"] = (
+            "no utterance passed the filters; lower min_confidence / min_agreement "
+            "(--min-confidence, --min-agreement)"
+        )
+    return report
+
+
+def format_report(report: dict) -> str:
+    """A few readable lines for the terminal."""
+    lines = [
+        f"kept {report['kept']} of {report['total']} utterances "
+        f"({100 * report['kept_share']:.1f}%) -> {report['out_manifest']}",
+        f"teacher {report['method']}"
+        + (f", agreement with {report['agreement_with']}" if report["agreement_with"] else "")
+        + f"; mean confidence {report['mean_confidence']}"
+        + (
+            f", mean agreement {report['mean_agreement']}"
+            if report["mean_agreement"] is not None
+            else ""
+        ),
+    ]
+    if report["dropped"]:
+        reasons = ", ".join(f"{n} {why}" for why, n in report["dropped"].items())
+        lines.append(f"dropped: {reasons}")
+    if report["references"]:
+        kept = "n/a" if report["wer_kept"] is None else f"{100 * report['wer_kept']:.2f}%"
+        lines.append(
+            f"WER of kept pseudo-labels vs references: {kept} "
+            f"(all transcripts: {100 * report['wer_all']:.2f}%)"
+        )
+    if "warning" in report:
+        lines.append("warning: " + report["warning"])
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: asrkd pseudo-label
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> None:
+    """``asrkd pseudo-label``: write the kept pseudo-labels and print the report."""
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        report = pseudo_label(
+            args.ckpt,
+            args.manifest,
+            args.out,
+            method=args.method,
+            beam_size=args.beam_size,
+            min_confidence=args.min_confidence,
+            agreement_with=args.agreement_with,
+            min_agreement=args.min_agreement,
+            batch_seconds=args.batch_seconds,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def add_pseudo_label_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``pseudo-label`` subcommand to the ``asrkd`` parser's subparsers."""
+    parser = subparsers.add_parser(
+        "pseudo-label",
+        help="label audio with a teacher's confident transcripts (sequence-level KD)",
+        description="Transcribe a manifest (text optional) with the teacher, keep the "
+        "transcripts that pass the confidence and agreement filters, write them as a manifest. "
+        "Negative thresholds other than plain numbers need '=': --min-confidence=-inf.",
+    )
+    parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
+    parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
+    parser.add_argument("--out", required=True, help="pseudo-labelled JSONL manifest to write")
+    parser.add_argument("--method", default=None, help="decoding method (default: model's)")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=-0.5,
+        help="minimum average log-prob per token (default -0.5)",
+    )
+    parser.add_argument(
+        "--agreement-with",
+        default="ctc_greedy",
+        help="second decoding to compare with, or 'none' (default ctc_greedy)",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.8,
+        help="minimum 1 - CER between the two decodings (default 0.8)",
+    )
+    parser.add_argument("--batch-seconds", type=float, default=120.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the report as JSON")
+    parser.set_defaults(func=cmd_pseudo_label)
+    return parser
+
+
+__all__ = [
+    "DROP_REASONS",
+    "add_pseudo_label_parser",
+    "cmd_pseudo_label",
+    "format_report",
+    "per_token_confidence",
+    "pseudo_label",
+    "transcript_agreement",
+]

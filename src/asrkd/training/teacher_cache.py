@@ -1,0 +1,412 @@
+"""Offline teacher outputs: run the teacher once, keep its top-k CTC log-probs, distil from them.
+
+Frame-level CTC KD (:class:`~asrkd.training.kd_losses.CTCFrameKD`) runs the teacher on every
+training step. When the teacher's input never changes from epoch to epoch its outputs do not
+either, so :func:`cache_teacher` runs it once over a manifest and stores, per utterance and
+per valid encoder frame, the ``k`` largest CTC log-probabilities and their token ids.
+:class:`TeacherCache` pads them into batches and :class:`CachedCTCFrameKD` is the
+``CTCFrameKD`` loss computed from them (equal to it when ``k`` is the vocabulary size).
+
+**Validity constraint.** A cache is only valid when the teacher's input is deterministic: the
+same waveform in, the same posteriors out. That holds here because the teacher runs in eval
+mode, where SpecAugment is off and dropout is inactive, and because :func:`cache_teacher`
+reads the audio without speed perturbation. It does *not* hold for a training set read with
+speed perturbation (``data.speed_factors``): the student would then see perturbed audio whose
+frames no longer line up with the cached ones. Train from a cache with speed perturbation off
+(a changed frame count is caught by :meth:`CachedCTCFrameKD.forward` via ``teacher_lengths``,
+a same-length perturbation is not).
+
+File format (one file, loadable with ``torch.load(weights_only=True)``): a dict of plain
+containers and tensors::
+
+    format               "asrkd-teacher-cache-1"
+    teacher_checkpoint   str | None
+    manifest             str
+    vocab_size, subsampling_factor, top_k   int
+    temperature          float  (values are top-k of log_softmax(logits / temperature))
+    keys                 list[str], one per utterance (see :func:`utterance_key`)
+    lengths              (N,) int64 valid encoder frames per utterance
+    offsets              (N + 1,) int64 start row of each utterance in values / indices
+    values               (sum(lengths), k) float32 log-probs, largest first
+    indices              (sum(lengths), k) int16 (int32 when V > 32767) token ids
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from asrkd.data.dataset import ManifestDataset, duration_batches, utterance_key
+from asrkd.models.common import make_pad_mask
+from asrkd.models.e2e_asr import E2EASR, load_checkpoint, pad_waveforms
+from asrkd.training.kd_losses import (
+    BLANK_ID,
+    _check_temperature,
+    _upcast,
+    _weighted_mean,
+    check_kd_compatibility,
+    kl_from_log_probs,
+)
+
+CACHE_FORMAT = "asrkd-teacher-cache-1"
+
+
+def cache_teacher(
+    checkpoint: str | Path | E2EASR,
+    manifest: str | Path,
+    out_path: str | Path,
+    top_k: int = 8,
+    batch_seconds: float = 120.0,
+    temperature: float = 1.0,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """Run the teacher over a manifest and store its top-k CTC log-probs in one file.
+
+    Args:
+        checkpoint: teacher checkpoint path, or an :class:`E2EASR` (it needs a CTC head).
+        manifest: NeMo JSONL manifest; ``text`` is not needed (unlabelled audio is fine).
+        out_path: cache file to write (atomically: temp file + rename).
+        top_k: log-probs kept per frame (clamped to the vocabulary size V; V keeps them all).
+        batch_seconds: padded audio seconds per teacher batch.
+        temperature: stored values are the top-k of ``log_softmax(logits / temperature)``.
+            Keep the default 1.0: the top-k support does not depend on it and
+            :class:`CachedCTCFrameKD` re-softens at its own temperature anyway.
+        device: where the teacher runs.
+
+    Returns:
+        ``{"path", "utterances", "frames", "mb", "seconds"}``.
+    """
+    start = time.perf_counter()
+    _check_temperature(temperature)
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if isinstance(checkpoint, E2EASR):
+        model, checkpoint_name = checkpoint, None
+    else:
+        model, checkpoint_name = load_checkpoint(checkpoint), str(Path(checkpoint).resolve())
+    if model.ctc is None:
+        raise ValueError("the teacher has no CTC head; a teacher cache stores CTC posteriors")
+    was_training = model.training
+    model.eval()  # no SpecAugment, no dropout: the outputs are a function of the audio alone
+    model.to(device)
+    vocab = model.vocab_size
+    k = min(int(top_k), vocab)
+    index_dtype = torch.int16 if vocab <= torch.iinfo(torch.int16).max else torch.int32
+
+    dataset = ManifestDataset(manifest, require_text=False)  # no speed perturbation
+    keys = [utterance_key(entry) for entry in dataset.entries]
+    first = {}  # duplicate lines share a key; the teacher runs on the first one only
+    for index, key in enumerate(keys):
+        first.setdefault(key, index)
+    entries = [dataset.entries[i] for i in first.values()]
+    wanted = list(first.values())
+
+    per_utt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    try:
+        with torch.no_grad():
+            for batch in duration_batches(entries, batch_seconds):
+                items = [dataset[wanted[i]] for i in batch]
+                audio, lengths = pad_waveforms([item["audio"] for item in items])
+                out = model(audio.to(device), lengths.to(device))
+                log_probs = torch.log_softmax(_upcast(out.ctc_logits) / temperature, dim=-1)
+                values, indices = log_probs.topk(k, dim=-1)  # (B, T, k), largest first
+                for row, item in enumerate(items):
+                    n = int(out.encoder_lengths[row])
+                    per_utt[item["index"]] = (
+                        values[row, :n].float().cpu(),
+                        indices[row, :n].to(index_dtype).cpu(),
+                    )
+    finally:
+        model.train(was_training)
+
+    ordered = [per_utt[i] for i in wanted]  # manifest order
+    lengths_t = torch.tensor([v.shape[0] for v, _ in ordered], dtype=torch.long)
+    offsets = torch.zeros(len(ordered) + 1, dtype=torch.long)
+    offsets[1:] = lengths_t.cumsum(0)
+    payload = {
+        "format": CACHE_FORMAT,
+        "teacher_checkpoint": checkpoint_name,
+        "manifest": str(Path(manifest).resolve()),
+        "vocab_size": vocab,
+        "subsampling_factor": model.subsampling_factor,
+        "top_k": k,
+        "temperature": float(temperature),
+        "keys": list(first),
+        "lengths": lengths_t,
+        "offsets": offsets,
+        "values": torch.cat([v for v, _ in ordered]) if ordered else torch.zeros(0, k),
+        "indices": (
+            torch.cat([i for _, i in ordered]) if ordered else torch.zeros(0, k, dtype=index_dtype)
+        ),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(out_path)  # readers never see a half-written cache
+    return {
+        "path": str(out_path),
+        "utterances": len(ordered),
+        "frames": int(lengths_t.sum()),
+        "mb": round(out_path.stat().st_size / 2**20, 3),
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+class TeacherCacheKeyError(KeyError):
+    """An utterance missing from a teacher cache (message printed as is, not repr-quoted)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""
+
+
+class TeacherCache:
+    """A teacher cache written by :func:`cache_teacher`, read safely (``weights_only=True``).
+
+    Attributes:
+        path, teacher_checkpoint, manifest, vocab_size, subsampling_factor, top_k,
+        temperature: the file's metadata.
+        keys: utterance keys (see :func:`utterance_key`), in manifest order.
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(
+                f"teacher cache {self.path} not found: build it with `asrkd cache-teacher`"
+            )
+        payload = torch.load(self.path, map_location="cpu", weights_only=True)
+        if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
+            raise ValueError(f"{self.path}: not an asrkd teacher cache ({CACHE_FORMAT})")
+        self.teacher_checkpoint: str | None = payload["teacher_checkpoint"]
+        self.manifest: str = payload["manifest"]
+        self.vocab_size: int = int(payload["vocab_size"])
+        self.subsampling_factor: int = int(payload["subsampling_factor"])
+        self.top_k: int = int(payload["top_k"])
+        self.temperature: float = float(payload["temperature"])
+        self.keys: list[str] = list(payload["keys"])
+        self._row = {key: row for row, key in enumerate(self.keys)}
+        self._lengths: torch.Tensor = payload["lengths"]
+        self._offsets: torch.Tensor = payload["offsets"]
+        self._values: torch.Tensor = payload["values"]
+        self._indices: torch.Tensor = payload["indices"]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._row
+
+    def check_compatible(self, student: E2EASR) -> None:
+        """Raise a ValueError if the student's vocabulary or frame rate differs from the
+        teacher's (then cached frames cannot be matched to the student's)."""
+        check_kd_compatibility(
+            self.vocab_size,
+            student.vocab_size,
+            self.subsampling_factor,
+            student.subsampling_factor,
+        )
+
+    def utterance(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One utterance's ``(values (T, k), indices (T, k) int64)``."""
+        row = self._row.get(key)
+        if row is None:
+            raise TeacherCacheKeyError(
+                f"utterance {key} is not in the teacher cache {self.path}: rebuild it with "
+                "`asrkd cache-teacher` on the manifest you train on"
+            )
+        a, b = int(self._offsets[row]), int(self._offsets[row + 1])
+        return self._values[a:b], self._indices[a:b].long()
+
+    def batch(
+        self, keys: list[str], num_frames: int, vocab_size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Padded teacher outputs for a batch of utterances.
+
+        Args:
+            keys: B utterance keys (:func:`utterance_key` of each manifest entry).
+            num_frames: T, the student's padded frame count.
+            vocab_size: the student's V (checked against the teacher's).
+
+        Returns:
+            ``values`` (B, T, k) float32, ``indices`` (B, T, k) int64, ``lengths`` (B,) int64.
+            Values are the teacher's temperature-1 log-probs (up to a per-frame constant when
+            the cache was written at another temperature, which :class:`CachedCTCFrameKD`'s
+            renormalisation removes). Padding: values 0, indices 0 (blank).
+        """
+        if int(vocab_size) != self.vocab_size:
+            raise ValueError(
+                f"vocabulary size {self.vocab_size} (teacher cache {self.path}) vs {vocab_size} "
+                "(student); KD needs one shared vocabulary"
+            )
+        k = self.top_k
+        values = torch.zeros(len(keys), num_frames, k, dtype=torch.float32)
+        indices = torch.zeros(len(keys), num_frames, k, dtype=torch.long)
+        lengths = torch.zeros(len(keys), dtype=torch.long)
+        for b, key in enumerate(keys):
+            v, i = self.utterance(key)
+            if v.shape[0] > num_frames:
+                raise ValueError(
+                    f"utterance {key} has {v.shape[0]} cached teacher frames but the batch has "
+                    f"only {num_frames}: the audio or the subsampling differs from the cache's"
+                )
+            values[b, : v.shape[0]] = v
+            indices[b, : v.shape[0]] = i
+            lengths[b] = v.shape[0]
+        # Back to the temperature-1 scale: t * log_softmax(z / t) = z - const per frame.
+        if self.temperature != 1.0:
+            values = values * self.temperature
+        return values, indices, lengths
+
+
+class CachedCTCFrameKD(nn.Module):
+    """:class:`~asrkd.training.kd_losses.CTCFrameKD` with the teacher given as top-k log-probs.
+
+    Teacher distribution per frame: ``p = softmax(values / tau)`` over its k kept tokens
+    (renormalised over the kept support); student: ``q = log_softmax(student_logits / tau)``
+    over the full vocabulary, read at the kept tokens. Per frame
+    ``KL = sum_{j in top-k} p_j (log p_j - log q_j)``; the loss is
+    ``tau^2 * sum_f w_f KL_f / sum_f w_f`` over the valid frames of the batch, with ``w_f =
+    blank_weight`` where the teacher's argmax is blank and 1 elsewhere. With k = V this is
+    exactly ``CTCFrameKD(tau, blank_weight)(student_logits, teacher_logits, lengths)``:
+    dividing temperature-1 log-probs by tau and renormalising equals ``softmax(logits / tau)``.
+    With k < V the student is still normalised over all V, so the loss also pushes its mass
+    out of tokens the teacher considered negligible.
+
+    Args:
+        temperature: softmax temperature tau > 0.
+        blank_weight: weight of frames whose teacher argmax is blank (1.0 = no change).
+    """
+
+    def __init__(self, temperature: float = 2.0, blank_weight: float = 1.0) -> None:
+        super().__init__()
+        self.temperature = _check_temperature(temperature)
+        if blank_weight < 0:
+            raise ValueError(f"blank_weight must be >= 0, got {blank_weight}")
+        self.blank_weight = float(blank_weight)
+
+    def forward(
+        self,
+        student_logits: torch.Tensor,
+        teacher_values: torch.Tensor,
+        teacher_indices: torch.Tensor,
+        lengths: torch.Tensor,
+        teacher_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Compute the loss.
+
+        Args:
+            student_logits: (B, T, V) CTC logits of the student.
+            teacher_values: (B, T, k) teacher log-probs (temperature 1, any per-frame shift).
+            teacher_indices: (B, T, k) their token ids.
+            lengths: (B,) valid student frames.
+            teacher_lengths: (B,) cached teacher frames; if given they must equal ``lengths``
+                (a mismatch means the cache does not belong to this audio).
+
+        Returns:
+            Scalar loss.
+        """
+        if teacher_values.shape != teacher_indices.shape:
+            raise ValueError(
+                f"teacher values {tuple(teacher_values.shape)} and indices "
+                f"{tuple(teacher_indices.shape)} differ"
+            )
+        if teacher_values.dim() != 3 or teacher_values.shape[:2] != student_logits.shape[:2]:
+            raise ValueError(
+                f"CachedCTCFrameKD: teacher (B, T, k) {tuple(teacher_values.shape)} does not "
+                f"match student (B, T, V) {tuple(student_logits.shape)} on batch size / frames"
+            )
+        if teacher_values.shape[-1] > student_logits.shape[-1]:
+            raise ValueError(
+                f"teacher keeps {teacher_values.shape[-1]} tokens per frame but the student "
+                f"vocabulary has only {student_logits.shape[-1]}"
+            )
+        if teacher_lengths is not None and not torch.equal(
+            teacher_lengths.cpu().long(), lengths.cpu().long()
+        ):
+            raise ValueError(
+                f"cached teacher frame counts {teacher_lengths.tolist()} differ from the "
+                f"student's {lengths.tolist()}: the cache was built from other audio (speed "
+                "perturbation?) or another frame rate; rebuild it with `asrkd cache-teacher`"
+            )
+        tau = self.temperature
+        valid = ~make_pad_mask(lengths.to(student_logits.device), student_logits.shape[1])
+        # Select valid frames first: padding never enters any arithmetic.
+        student = _upcast(student_logits[valid])  # (N, V)
+        values = teacher_values.detach().to(student.device)[valid].to(student.dtype)  # (N, k)
+        ids = teacher_indices.to(student.device)[valid].long()  # (N, k)
+        log_p = torch.log_softmax(values / tau, dim=-1)
+        log_q = torch.log_softmax(student / tau, dim=-1).gather(-1, ids)
+        kl = kl_from_log_probs(log_p, log_q)  # (N,)
+        weights = None
+        if self.blank_weight != 1.0:
+            # The teacher's argmax is the kept token with the largest log-prob (any order).
+            argmax = ids.gather(-1, values.argmax(-1, keepdim=True)).squeeze(-1)
+            weights = torch.where(
+                argmax == BLANK_ID,
+                torch.full_like(kl, self.blank_weight),
+                torch.ones_like(kl),
+            )
+        return tau**2 * _weighted_mean(kl, weights)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: asrkd cache-teacher
+# ---------------------------------------------------------------------------------------------
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> None:
+    """``asrkd cache-teacher``: write the cache and print its stats as JSON."""
+    previous = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        stats = cache_teacher(
+            args.ckpt,
+            args.manifest,
+            args.out,
+            top_k=args.top_k,
+            batch_seconds=args.batch_seconds,
+            temperature=args.temperature,
+        )
+    finally:
+        torch.set_num_threads(previous)
+    print(json.dumps(stats, indent=2))
+
+
+def add_cache_teacher_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``cache-teacher`` subcommand to the ``asrkd`` parser's subparsers."""
+    parser = subparsers.add_parser(
+        "cache-teacher",
+        help="store a teacher's top-k CTC log-probs over a manifest (offline KD)",
+        description="Run the teacher once (eval mode, no augmentation) and store its top-k "
+        "CTC log-probs per frame. Only valid for training without speed perturbation.",
+    )
+    parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
+    parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
+    parser.add_argument("--out", required=True, help="cache file to write")
+    parser.add_argument("--top-k", type=int, default=8, help="log-probs kept per frame")
+    parser.add_argument("--batch-seconds", type=float, default=120.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.set_defaults(func=cmd_cache_teacher)
+    return parser
+
+
+__all__ = [
+    "CACHE_FORMAT",
+    "CachedCTCFrameKD",
+    "TeacherCache",
+    "TeacherCacheKeyError",
+    "add_cache_teacher_parser",
+    "cache_teacher",
+    "cmd_cache_teacher",
+    "duration_batches",
+    "utterance_key",
+]

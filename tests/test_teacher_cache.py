@@ -1,0 +1,218 @@
+"""Offline teacher cache: round trip, equality with online CTC KD, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from asrkd.data.dataset import ManifestDataset
+from asrkd.data.tokenizer import CharTokenizer
+from asrkd.models.e2e_asr import build_model, pad_waveforms, save_checkpoint
+from asrkd.training.kd_losses import CTCFrameKD
+from asrkd.training.teacher_cache import (
+    CACHE_FORMAT,
+    CachedCTCFrameKD,
+    TeacherCache,
+    TeacherCacheKeyError,
+    add_cache_teacher_parser,
+    cache_teacher,
+    utterance_key,
+)
+from test_e2e import tiny_config
+
+
+@pytest.fixture(scope="module")
+def teacher_and_student():
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.english()
+    teacher = build_model(tiny_config("none"), tokenizer).eval()
+    torch.manual_seed(1)
+    student = build_model(tiny_config("none"), tokenizer).eval()
+    return teacher, student
+
+
+@pytest.fixture(scope="module")
+def small_manifest(tiny_corpus, tmp_path_factory):
+    """Three lines of the val manifest (absolute paths): a teacher pass costs seconds."""
+    lines = []
+    for line in (tiny_corpus / "val.jsonl").read_text().splitlines()[:3]:
+        record = json.loads(line)
+        record["audio_filepath"] = str(tiny_corpus / record["audio_filepath"])
+        lines.append(json.dumps(record))
+    path = tmp_path_factory.mktemp("small") / "small.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _batch(manifest, rows):
+    """Waveforms (B, S), lengths (B,) and cache keys of manifest lines ``rows``."""
+    dataset = ManifestDataset(manifest)
+    items = [dataset[i] for i in rows]
+    audio, lengths = pad_waveforms([item["audio"] for item in items])
+    keys = [utterance_key(dataset.entries[i]) for i in rows]
+    return audio, lengths, keys
+
+
+def test_cache_round_trip(tmp_path, tiny_corpus, teacher_and_student):
+    teacher, _ = teacher_and_student
+    manifest = tiny_corpus / "val.jsonl"
+    stats = cache_teacher(teacher, manifest, tmp_path / "t.pt", top_k=5, batch_seconds=4.0)
+    assert stats["utterances"] == 6 and stats["frames"] > 0 and stats["mb"] > 0
+    assert not (tmp_path / "t.pt.tmp").exists()
+
+    payload = torch.load(tmp_path / "t.pt", weights_only=True)  # plain containers only
+    assert payload["format"] == CACHE_FORMAT
+    assert payload["vocab_size"] == teacher.vocab_size
+    assert payload["subsampling_factor"] == teacher.subsampling_factor
+    assert payload["top_k"] == 5 and payload["temperature"] == 1.0
+    assert payload["indices"].dtype == torch.int16 and payload["values"].dtype == torch.float32
+
+    cache = TeacherCache(tmp_path / "t.pt")
+    assert len(cache) == 6
+    # Each utterance alone (no padding) gives what the batched cache holds.
+    audio, lengths, keys = _batch(manifest, [0, 3])
+    for row, key in enumerate(keys):
+        with torch.no_grad():
+            out = teacher(audio[row : row + 1, : lengths[row]], lengths[row : row + 1])
+        expected = torch.log_softmax(out.ctc_logits[0], dim=-1).topk(5, dim=-1)
+        values, indices = cache.utterance(key)
+        assert values.shape == (int(out.encoder_lengths[0]), 5)
+        torch.testing.assert_close(values, expected.values, atol=1e-4, rtol=1e-4)
+        assert torch.equal(indices, expected.indices)
+
+    frames = int(lengths.max()) // 8 + 4
+    values, indices, cached_lengths = cache.batch(keys, frames, vocab_size=cache.vocab_size)
+    assert values.shape == indices.shape == (2, frames, 5)
+    assert values[0, cached_lengths[0] :].abs().sum() == 0  # zero padding
+
+
+def test_cached_kd_equals_online_kd_when_k_is_vocab(tmp_path, small_manifest, teacher_and_student):
+    teacher, student = teacher_and_student
+    manifest = small_manifest
+    vocab = teacher.vocab_size
+    cache_teacher(teacher, manifest, tmp_path / "full.pt", top_k=vocab, batch_seconds=3.0)
+    cache = TeacherCache(tmp_path / "full.pt")
+    assert cache.top_k == vocab
+    audio, lengths, keys = _batch(manifest, [0, 1, 2])
+    with torch.no_grad():
+        teacher_out = teacher(audio, lengths)
+    student_out = student(audio, lengths)
+    values, indices, cached_lengths = cache.batch(
+        keys, student_out.ctc_logits.shape[1], student.vocab_size
+    )
+    assert torch.equal(cached_lengths, student_out.encoder_lengths)
+    for tau, blank_weight in [(1.0, 1.0), (2.0, 1.0), (3.0, 0.3)]:
+        online = CTCFrameKD(temperature=tau, blank_weight=blank_weight)(
+            student_out.ctc_logits, teacher_out.ctc_logits, student_out.encoder_lengths
+        )
+        cached = CachedCTCFrameKD(temperature=tau, blank_weight=blank_weight)(
+            student_out.ctc_logits,
+            values,
+            indices,
+            student_out.encoder_lengths,
+            teacher_lengths=cached_lengths,
+        )
+        torch.testing.assert_close(cached, online, atol=1e-5, rtol=0)
+    cached.backward()  # gradients reach the student
+    assert next(student.ctc.parameters()).grad is not None
+    student.zero_grad()
+
+
+def test_cached_kd_with_small_k_is_close_and_finite(teacher_and_student):
+    teacher, student = teacher_and_student
+    torch.manual_seed(0)
+    lengths = torch.tensor([7, 4])
+    # A peaked teacher (as a trained one is): most mass sits in its top few tokens.
+    teacher_logits = 8.0 * torch.randn(2, 7, teacher.vocab_size)
+    teacher_logits[1, 4:] = float("nan")  # padding garbage never matters
+    student_logits = torch.randn(2, 7, teacher.vocab_size, requires_grad=True)
+    log_probs = torch.log_softmax(teacher_logits, dim=-1)
+    online = CTCFrameKD(temperature=1.0)(student_logits, teacher_logits, lengths)
+    for k in (4, 16):
+        top = log_probs.topk(k, dim=-1)
+        cached = CachedCTCFrameKD(temperature=1.0)(student_logits, top.values, top.indices, lengths)
+        assert torch.isfinite(cached) and cached.item() >= 0
+        assert abs(cached.item() - online.item()) < 0.1 * online.item()
+        (grad,) = torch.autograd.grad(cached, student_logits)
+        assert torch.isfinite(grad).all() and grad[1, 4:].abs().sum() == 0
+
+
+def test_temperature_of_the_stored_values_does_not_matter(
+    tmp_path, small_manifest, teacher_and_student
+):
+    teacher, student = teacher_and_student
+    manifest = small_manifest
+    cache_teacher(teacher, manifest, tmp_path / "t1.pt", top_k=6, batch_seconds=60.0)
+    cache_teacher(teacher, manifest, tmp_path / "t3.pt", top_k=6, temperature=3.0)
+    audio, lengths, keys = _batch(manifest, [0, 2])
+    with torch.no_grad():
+        logits = student(audio, lengths).ctc_logits
+    loss = CachedCTCFrameKD(temperature=2.0)
+    results = []
+    for name in ("t1.pt", "t3.pt"):
+        values, indices, cached = TeacherCache(tmp_path / name).batch(
+            keys, logits.shape[1], student.vocab_size
+        )
+        results.append(loss(logits, values, indices, cached))
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=0)
+
+
+def test_missing_utterance_and_stale_cache_errors(
+    tmp_path, tiny_corpus, small_manifest, teacher_and_student
+):
+    teacher, student = teacher_and_student
+    cache_teacher(teacher, small_manifest, tmp_path / "t.pt", top_k=3)
+    cache = TeacherCache(tmp_path / "t.pt")
+    missing = utterance_key(tiny_corpus / "wav" / "test" / "test_000000.wav")
+    with pytest.raises(KeyError) as info:
+        cache.batch([cache.keys[0], missing], num_frames=500, vocab_size=student.vocab_size)
+    assert isinstance(info.value, TeacherCacheKeyError)
+    message = str(info.value)
+    assert missing in message and str(tmp_path / "t.pt") in message
+    assert "asrkd cache-teacher" in message
+    with pytest.raises(ValueError, match="vocabulary size"):
+        cache.batch(cache.keys[:1], num_frames=500, vocab_size=student.vocab_size + 1)
+    with pytest.raises(ValueError, match="cached teacher frames"):
+        cache.batch(cache.keys[:1], num_frames=1, vocab_size=student.vocab_size)
+    values, indices, lengths = cache.batch(cache.keys[:2], 500, student.vocab_size)
+    with pytest.raises(ValueError, match="rebuild it"):
+        CachedCTCFrameKD()(
+            torch.randn(2, 500, student.vocab_size),
+            values,
+            indices,
+            lengths + 1,
+            teacher_lengths=lengths,
+        )
+    cache.check_compatible(student)
+    with pytest.raises(FileNotFoundError, match="asrkd cache-teacher"):
+        TeacherCache(tmp_path / "absent.pt")
+
+
+def test_cli_writes_the_cache(tmp_path, small_manifest, teacher_and_student, capsys):
+    teacher, _ = teacher_and_student
+    ckpt = save_checkpoint(teacher, tmp_path / "teacher.ckpt")
+    parser = argparse.ArgumentParser()
+    add_cache_teacher_parser(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(
+        [
+            "cache-teacher",
+            "--ckpt",
+            str(ckpt),
+            "--manifest",
+            str(small_manifest),
+            "--out",
+            str(tmp_path / "c.pt"),
+            "--top-k",
+            "4",
+            "--threads",
+            "1",
+        ]
+    )
+    args.func(args)
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["utterances"] == 3
+    cache = TeacherCache(tmp_path / "c.pt")
+    assert cache.top_k == 4 and cache.teacher_checkpoint == str(ckpt.resolve())
