@@ -1,0 +1,319 @@
+"""Model cost benchmark: parameters, FLOPs, training-step time and inference speed per preset.
+
+Usage: python benchmarks/models.py [--presets a,b] [--json FILE] [--quick] [--threads N]
+
+For every preset the model is built with ``build_model(PRESETS[name](), CharTokenizer.english())``
+and measured on CPU with a fixed thread count (2 by default):
+
+* ``params``: all parameters (features and decoders included).
+* ``flops_per_audio_second``: FLOPs of one inference-style forward (eval mode, no targets:
+  features -> frontend -> encoder -> CTC head) over 1 x 10 s of audio, divided by 10.
+  ``frontend_flops_share`` is the ResNet1D frontend's part of those FLOPs (0 without one).
+  Counted with :class:`torch.utils.flop_counter.FlopCounterMode` (matmuls and convolutions).
+* ``forward_s`` / ``forward_backward_s``: wall seconds of a training-mode forward (with
+  ~150-token targets, so the decoder runs too) and of forward + supervised loss + backward, on
+  a batch of 8 x 10 s; best of ``--repeats`` after one warm-up.
+* ``rtfx``: audio seconds / wall seconds of ``model.infer(..., method="ctc_greedy")`` on
+  8 x 10 s (eval mode, one warm-up, best of 3).
+
+It also times :func:`asrkd.training.rnnt_loss.rnnt_loss` forward + backward against
+``F.ctc_loss`` (with its log-softmax) at B=8, T=125, U=40, V=33 and reports the ratio
+``rnnt_over_ctc``. ``--quick`` shrinks every shape for a smoke test (numbers meaningless).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from asrkd.data.tokenizer import CharTokenizer
+from asrkd.models.e2e_asr import E2EASR, build_model
+from asrkd.models.presets import PRESETS
+from asrkd.training.losses import ASRLoss
+from asrkd.training.rnnt_loss import rnnt_loss
+
+SAMPLE_RATE = 16000
+DEFAULT_PRESETS = (
+    "teacher_cpu",
+    "teacher_cpu_rnnt",
+    "student_cpu",
+    "student_cpu_rnnt",
+    "fastconformer_small",
+)
+TEXT = (
+    "the quick brown fox jumps over the lazy dog while the committee considered "
+    "several proposals for the new railway station near the river "
+)
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Sizes of every measurement (``quick`` shrinks them all)."""
+
+    flops_seconds: float = 10.0
+    batch: int = 8
+    seconds: float = 10.0
+    target_tokens: int = 150
+    repeats: int = 2
+    infer_repeats: int = 3
+    loss_batch: int = 8
+    loss_frames: int = 125
+    loss_labels: int = 40
+    loss_vocab: int = 33
+    loss_repeats: int = 10
+
+    @classmethod
+    def quick(cls) -> Shapes:
+        return cls(
+            flops_seconds=1.0,
+            batch=2,
+            seconds=1.0,
+            target_tokens=10,
+            repeats=1,
+            infer_repeats=1,
+            loss_batch=2,
+            loss_frames=16,
+            loss_labels=5,
+            loss_repeats=2,
+        )
+
+
+def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
+    """Best wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs."""
+    for _ in range(warmup):
+        fn()
+    best = float("inf")
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def make_audio(batch: int, seconds: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S) noise 'audio' at 16 kHz (timings do not depend on content) and (B,) lengths."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = int(SAMPLE_RATE * seconds)
+    audio = 0.1 * torch.randn(batch, samples, generator=generator)
+    return audio, torch.full((batch,), samples, dtype=torch.long)
+
+
+def make_targets(
+    tokenizer: CharTokenizer, batch: int, tokens: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, U) real character ids (English text, repeated to ``tokens``) and (B,) lengths."""
+    ids = tokenizer.encode(TEXT)
+    ids = (ids * (tokens // len(ids) + 1))[:tokens]
+    targets = torch.tensor([ids] * batch, dtype=torch.long)
+    return targets, torch.full((batch,), tokens, dtype=torch.long)
+
+
+def count_flops(model: E2EASR, seconds: float) -> tuple[int, int]:
+    """(total, frontend) FLOPs of an eval-mode forward without targets over 1 x ``seconds``."""
+    audio, lengths = make_audio(1, seconds)
+    model.eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(audio, lengths)
+    total = counter.get_total_flops()
+    frontend = 0
+    for name, ops in counter.get_flop_counts().items():
+        if name.split(".")[-1] == "frontend" and name.count(".") == 1:
+            frontend += sum(ops.values())
+    return total, frontend
+
+
+def time_training(
+    model: E2EASR, tokenizer: CharTokenizer, shapes: Shapes
+) -> tuple[float, float]:
+    """(forward, forward + loss + backward) best wall seconds in training mode."""
+    audio, lengths = make_audio(shapes.batch, shapes.seconds)
+    targets, target_lengths = make_targets(tokenizer, shapes.batch, shapes.target_tokens)
+    loss_fn = ASRLoss()
+    model.train()
+
+    def forward() -> None:
+        # Autograd on, as in a training step; the graph is dropped when the output goes.
+        model(audio, lengths, targets, target_lengths)
+
+    def forward_backward() -> None:
+        model.zero_grad(set_to_none=True)
+        output = model(audio, lengths, targets, target_lengths)
+        loss_fn(output, targets, target_lengths)["total"].backward()
+
+    fwd = best_time(forward, shapes.repeats)
+    fwd_bwd = best_time(forward_backward, shapes.repeats)
+    model.zero_grad(set_to_none=True)
+    return fwd, fwd_bwd
+
+
+def inference_rtfx(model: E2EASR, shapes: Shapes) -> float:
+    """Audio seconds per wall second of CTC greedy inference (eval, best of ``infer_repeats``)."""
+    audio, lengths = make_audio(shapes.batch, shapes.seconds, seed=1)
+    model.eval()
+    wall = best_time(
+        lambda: model.infer(audio, lengths, method="ctc_greedy"), shapes.infer_repeats
+    )
+    return shapes.batch * shapes.seconds / wall
+
+
+def rnnt_over_ctc(shapes: Shapes) -> dict[str, float]:
+    """Time RNN-T loss vs CTC loss forward + backward on matching sizes; returns both and ratio.
+
+    RNN-T gets (B, T, U+1, V) joint logits, CTC gets (T, B, V) logits (log-softmax included in
+    both timings).
+    """
+    b, t, u, v = shapes.loss_batch, shapes.loss_frames, shapes.loss_labels, shapes.loss_vocab
+    generator = torch.Generator().manual_seed(0)
+    targets = torch.randint(1, v, (b, u), generator=generator, dtype=torch.int32)
+    t_len = torch.full((b,), t, dtype=torch.int32)
+    u_len = torch.full((b,), u, dtype=torch.int32)
+    joint = torch.randn(b, t, u + 1, v, generator=generator).requires_grad_()
+    frames = torch.randn(t, b, v, generator=generator).requires_grad_()
+
+    def rnnt_step() -> None:
+        joint.grad = None
+        rnnt_loss(joint, targets, t_len, u_len, blank=0).backward()
+
+    def ctc_step() -> None:
+        frames.grad = None
+        log_probs = frames.log_softmax(-1)
+        F.ctc_loss(log_probs, targets.long(), t_len.long(), u_len.long(), blank=0).backward()
+
+    rnnt_s = best_time(rnnt_step, shapes.loss_repeats)
+    ctc_s = best_time(ctc_step, shapes.loss_repeats)
+    return {"rnnt_s": rnnt_s, "ctc_s": ctc_s, "ratio": rnnt_s / ctc_s}
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform string elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine_info(threads: int) -> dict[str, object]:
+    """Where the numbers came from, including the load other processes put on the machine."""
+    return {
+        "threads": threads,
+        "cpu_model": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "torch_version": torch.__version__,
+        "python": platform.python_version(),
+        "loadavg": list(os.getloadavg()),
+    }
+
+
+def benchmark_preset(name: str, shapes: Shapes) -> dict[str, float]:
+    """Every per-preset measurement for one preset."""
+    tokenizer = CharTokenizer.english()
+    torch.manual_seed(0)
+    model = build_model(PRESETS[name](), tokenizer)
+    flops, frontend_flops = count_flops(model, shapes.flops_seconds)
+    forward_s, forward_backward_s = time_training(model, tokenizer, shapes)
+    return {
+        "params": model.num_parameters(),
+        "flops_per_audio_second": flops / shapes.flops_seconds,
+        "frontend_flops_share": frontend_flops / flops if flops else 0.0,
+        "forward_s": forward_s,
+        "forward_backward_s": forward_backward_s,
+        "rtfx": inference_rtfx(model, shapes),
+    }
+
+
+def print_table(results: dict[str, dict[str, float]], loss: dict[str, float]) -> None:
+    """Readable summary with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="asrkd model presets (CPU)")
+    for column in ("preset", "params (M)", "GFLOPs / audio s", "frontend share",
+                   "fwd (s)", "fwd+bwd (s)", "RTFx (ctc greedy)"):
+        table.add_column(column, justify="left" if column == "preset" else "right")
+    for name, row in results.items():
+        table.add_row(
+            name,
+            f"{row['params'] / 1e6:.2f}",
+            f"{row['flops_per_audio_second'] / 1e9:.2f}",
+            f"{100 * row['frontend_flops_share']:.1f}%",
+            f"{row['forward_s']:.3f}",
+            f"{row['forward_backward_s']:.3f}",
+            f"{row['rtfx']:.1f}",
+        )
+    console = Console()
+    console.print(table)
+    console.print(
+        f"rnnt_loss fwd+bwd {loss['rnnt_s'] * 1e3:.2f} ms vs F.ctc_loss {loss['ctc_s'] * 1e3:.2f}"
+        f" ms -> rnnt_over_ctc = {loss['ratio']:.2f}"
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    """Run the benchmark; returns (and with ``--json`` writes) the results."""
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--presets", default=",".join(DEFAULT_PRESETS),
+                        help="comma-separated preset names")
+    parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeats", type=int, help="timed runs of fwd and fwd+bwd")
+    args = parser.parse_args(argv)
+
+    names = [n.strip() for n in args.presets.split(",") if n.strip()]
+    unknown = [n for n in names if n not in PRESETS]
+    if unknown:
+        parser.error(f"unknown presets {unknown}; choose from {', '.join(PRESETS)}")
+    shapes = Shapes.quick() if args.quick else Shapes()
+    if args.repeats:
+        shapes = Shapes(**{**shapes.__dict__, "repeats": args.repeats})
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        load_before = list(os.getloadavg())
+        results = {name: benchmark_preset(name, shapes) for name in names}
+        loss = rnnt_over_ctc(shapes)
+        machine = machine_info(args.threads)
+        machine["loadavg_before"] = load_before
+    finally:
+        torch.set_num_threads(previous_threads)
+
+    report: dict[str, object] = {
+        "presets": results,
+        "rnnt_over_ctc": loss["ratio"],
+        "rnnt_over_ctc_detail": {
+            "rnnt_s": loss["rnnt_s"],
+            "ctc_s": loss["ctc_s"],
+            "shape": {"B": shapes.loss_batch, "T": shapes.loss_frames,
+                      "U": shapes.loss_labels, "V": shapes.loss_vocab},
+        },
+        "shapes": shapes.__dict__,
+        "quick": args.quick,
+        "machine": machine,
+        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    print_table(results, loss)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()
