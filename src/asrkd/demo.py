@@ -28,8 +28,8 @@ class DemoPlan:
     n_train: int = 3000
     n_val: int = 300
     n_test: int = 300
-    teacher_steps: int = 500
-    student_steps: int = 400
+    teacher_steps: int = 700
+    student_steps: int = 500
     max_batch_seconds: float = 90.0
     val_every_steps: int = 100
     warmup_steps: int = 100
@@ -190,7 +190,7 @@ def run_demo(
     plan = plan or (QUICK if quick else FULL)
     root = Path(ROOT)
     report_dir, corpus_dir, exp_dir = (
-        p if Path(p).is_absolute() else root / p for p in (report_dir, corpus_dir, exp_dir)
+        Path(p) if Path(p).is_absolute() else root / p for p in (report_dir, corpus_dir, exp_dir)
     )
     report_dir.mkdir(parents=True, exist_ok=True)
     if corpus_stats is None:
@@ -228,11 +228,13 @@ def run_demo(
             "substitutions": evaluation["substitutions"],
             "deletions": evaluation["deletions"],
             "insertions": evaluation["insertions"],
+            "utterances": evaluation["utterances"],
+            "decoding": evaluation["method"],
         }
     histories = {name: results[name].get("val_history", []) for name in MODELS}
     plots = _plots(report_dir, metrics, histories)
     seconds = time.perf_counter() - start
     _report(report_dir, metrics, stats, plots, seconds, title)
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    console.print((report_dir / "report.md").read_text())
+    console.print((report_dir / "report.md").read_text(), markup=False)
     return metrics
