@@ -28,11 +28,11 @@ class DemoPlan:
     n_train: int = 3000
     n_val: int = 300
     n_test: int = 300
-    teacher_steps: int = 700
-    student_steps: int = 500
-    max_batch_seconds: float = 90.0
+    teacher_steps: int = 500
+    student_steps: int = 400
+    max_batch_seconds: float = 60.0
     val_every_steps: int = 100
-    warmup_steps: int = 100
+    warmup_steps: int = 50
 
 
 FULL = DemoPlan()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from asrkd.data.audio_processing import SpecAugmentConfig
-from asrkd.models.e2e_asr import ModelConfig, RNNTSettings, TransformerSettings
+from asrkd.models.e2e_asr import ModelConfig, RNNTSettings, TokenizerConfig, TransformerSettings
 from asrkd.models.encoder import FastConformerConfig
 from asrkd.models.frontend import ResNet1DConfig
 
@@ -11,14 +11,16 @@ from asrkd.models.frontend import ResNet1DConfig
 def student_cpu(decoder: str = "transformer") -> ModelConfig:
     """Student of :func:`~asrkd.models.teacher_model.teacher_cpu`.
 
-    Same features, subsampling (8x) and vocabulary as the teacher, so frame-level KD lines up;
-    a thin frontend, d96 x 6 layers, one decoder layer.
+    Same features, subsampling (4x) and vocabulary (characters) as the teacher, so
+    frame-level KD lines up; a thin frontend, d96 x 6 layers, one decoder layer.
     """
     return ModelConfig(
         frontend=ResNet1DConfig(channels=(64,), strides=(1,), kernel_size=3),
         encoder=FastConformerConfig(
-            d_model=96, n_heads=4, n_layers=6, subsampling_channels=64, dropout=0.1
+            d_model=96, n_heads=4, n_layers=6, subsampling_factor=4, subsampling_channels=64,
+            dropout=0.1,
         ),
+        tokenizer=TokenizerConfig(kind="char"),
         decoder=decoder,
         transformer=TransformerSettings(d_model=96, n_heads=4, n_layers=1, ff_dim=384),
         rnnt=RNNTSettings(pred_dim=96, joint_dim=96),

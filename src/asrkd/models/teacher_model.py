@@ -13,6 +13,7 @@ from asrkd.models.e2e_asr import (
     E2EASR,
     ModelConfig,
     RNNTSettings,
+    TokenizerConfig,
     TransformerSettings,
     load_checkpoint,
 )
@@ -25,12 +26,20 @@ def teacher_cpu(decoder: str = "transformer") -> ModelConfig:
 
     FastConformer d176 x 8 layers (half of FastConformer-Small's depth), a one-stage ResNet1D
     frontend, hybrid CTC + attention (or RNN-T) heads.
+
+    Characters with 4x subsampling rather than BPE with 8x: in a budget of a few hundred CPU
+    steps, character CTC started emitting acoustically sensible output within ~100 steps
+    (validation CER 0.62 at step 150), while a 256-piece BPE model at 8x still emitted only
+    "the" at step 300 (measured on the default corpus); 25 frames/s also leaves room for the
+    ~15 characters/s of fast speech.
     """
     return ModelConfig(
         frontend=ResNet1DConfig(channels=(128,), strides=(1,), kernel_size=3),
         encoder=FastConformerConfig(
-            d_model=176, n_heads=4, n_layers=8, subsampling_channels=128, dropout=0.1
+            d_model=176, n_heads=4, n_layers=8, subsampling_factor=4, subsampling_channels=128,
+            dropout=0.1,
         ),
+        tokenizer=TokenizerConfig(kind="char"),
         decoder=decoder,
         transformer=TransformerSettings(d_model=176, n_heads=4, n_layers=2, ff_dim=704),
         rnnt=RNNTSettings(pred_dim=176, joint_dim=176),

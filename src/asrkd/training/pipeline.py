@@ -28,6 +28,7 @@ from asrkd.models.presets import get_preset
 from asrkd.training.losses import ASRLossConfig
 from asrkd.training.trainer import build_trainer
 from asrkd.utils.metrics import char_errors, corpus_error_rates, word_errors
+from asrkd.utils.threads import torch_threads
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = ROOT / "configs"
@@ -215,12 +216,9 @@ def evaluate(
     model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
     model.eval()
     dataset = ManifestDataset(manifest, strict=strict)
-    previous_threads = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
     normalizer = model.tokenizer.normalizer
     rows, compute, audio_seconds = [], 0.0, 0.0
-    try:
+    with torch_threads(threads):
         for batch in duration_batches(dataset.entries, batch_seconds):
             items = [dataset[i] for i in batch]
             audio, lengths = pad_waveforms([item["audio"] for item in items])
@@ -243,8 +241,6 @@ def evaluate(
                         "cer": round(char_errors(reference, hypothesis.text).rate, 4),
                     }
                 )
-    finally:
-        torch.set_num_threads(previous_threads)
     metrics = corpus_error_rates([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
     metrics.update(
         {

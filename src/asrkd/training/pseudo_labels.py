@@ -35,13 +35,12 @@ import time
 from collections import Counter
 from pathlib import Path
 
-import torch
-
 from asrkd.data.dataset import ManifestDataset, duration_batches
 from asrkd.models.common import Hypothesis
 from asrkd.models.e2e_asr import DECODING_METHODS, E2EASR, load_checkpoint, pad_waveforms
 from asrkd.training.kd_losses import filter_pseudo_labels
 from asrkd.utils.metrics import char_errors, corpus_error_rates
+from asrkd.utils.threads import torch_threads
 
 DROP_REASONS = ("empty transcript", "low confidence", "low agreement")
 
@@ -276,10 +275,7 @@ def format_report(report: dict) -> str:
 
 def cmd_pseudo_label(args: argparse.Namespace) -> None:
     """``asrkd pseudo-label``: write the kept pseudo-labels and print the report."""
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         report = pseudo_label(
             args.ckpt,
             args.manifest,
@@ -291,8 +287,6 @@ def cmd_pseudo_label(args: argparse.Namespace) -> None:
             min_agreement=args.min_agreement,
             batch_seconds=args.batch_seconds,
         )
-    finally:
-        torch.set_num_threads(previous)
     print(format_report(report))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))

@@ -52,6 +52,7 @@ from asrkd.training.kd_losses import (
     check_kd_compatibility,
     kl_from_log_probs,
 )
+from asrkd.utils.threads import torch_threads
 
 CACHE_FORMAT = "asrkd-teacher-cache-1"
 
@@ -363,10 +364,7 @@ class CachedCTCFrameKD(nn.Module):
 
 def cmd_cache_teacher(args: argparse.Namespace) -> None:
     """``asrkd cache-teacher``: write the cache and print its stats as JSON."""
-    previous = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         stats = cache_teacher(
             args.ckpt,
             args.manifest,
@@ -375,8 +373,6 @@ def cmd_cache_teacher(args: argparse.Namespace) -> None:
             batch_seconds=args.batch_seconds,
             temperature=args.temperature,
         )
-    finally:
-        torch.set_num_threads(previous)
     print(json.dumps(stats, indent=2))
 
 
