@@ -28,8 +28,8 @@ class DemoPlan:
     n_train: int = 3000
     n_val: int = 300
     n_test: int = 300
-    teacher_steps: int = 500
-    student_steps: int = 400
+    teacher_steps: int = 900
+    student_steps: int = 600
     max_batch_seconds: float = 60.0
     val_every_steps: int = 100
     warmup_steps: int = 50
