@@ -10,7 +10,12 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ASRKD_SHARED_DATA", ROOT.parent / "shared" / "data"))
+# ../shared/data beside the checkout; a clone elsewhere (e.g. /tmp) finds the workspace copy.
+_CANDIDATES = [ROOT.parent / "shared" / "data", Path("/work/shared/data")]
+SHARED_DATA = Path(
+    os.environ.get("ASRKD_SHARED_DATA")
+    or next((c for c in _CANDIDATES if c.is_dir()), _CANDIDATES[0])
+)
 
 
 @pytest.fixture(autouse=True)

@@ -107,7 +107,8 @@ def _tiny_run_overrides(corpus: Path, out: Path, steps: int = 3) -> list[str]:
     tiny = {
         "model.frontend.channels": "[32]", "model.encoder.d_model": "64",
         "model.encoder.n_heads": "2", "model.encoder.n_layers": "2",
-        "model.encoder.subsampling_channels": "32", "model.transformer.d_model": "64",
+        "model.encoder.subsampling_channels": "32", "model.encoder.subsampling_factor": "8",
+        "model.transformer.d_model": "64",
         "model.transformer.n_layers": "1", "model.transformer.ff_dim": "128",
     }
     return [f"{k}={v}" for k, v in tiny.items()] + [
