@@ -28,7 +28,7 @@ SPLITS = {
 # at one token.
 OVERRIDES = [
     "model.tokenizer.kind=bpe",
-    "model.tokenizer.vocab_size=16",
+    "model.tokenizer.vocab_size=64",
     "model.spec_augment.time_masks=2",
     "data.min_duration=0.05",
 ]
