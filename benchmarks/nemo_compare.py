@@ -244,7 +244,7 @@ def markdown(report: dict[str, object]) -> str:
         f"{setup['batch']} x {setup['frames']} frames x {FEAT_IN} features, best of "
         f"{setup['repeats']} after a warm-up, both orders; load average at start "
         f"{report['machine']['loadavg_start']}, at end {report['machine']['loadavg_end']} "
-        "(another job was using the machine).",
+        "(about 2 on this 2-core machine means nothing else was running).",
         "",
     ]
     nemo = report["nemo"]
