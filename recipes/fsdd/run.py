@@ -32,8 +32,8 @@ OVERRIDES = [
     "model.spec_augment.time_masks=2",
     "data.min_duration=0.05",
 ]
-FULL = DemoPlan(teacher_steps=1200, student_steps=800, max_batch_seconds=40.0,
-                val_every_steps=200, warmup_steps=150)
+FULL = DemoPlan(teacher_steps=600, student_steps=400, max_batch_seconds=40.0,
+                val_every_steps=100, warmup_steps=50)
 QUICK = DemoPlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
                  val_every_steps=2, warmup_steps=1)
 
