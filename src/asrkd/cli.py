@@ -115,7 +115,7 @@ def expand_audio_paths(paths: list[str]) -> list[Path]:
 def cmd_infer(args: argparse.Namespace) -> None:
     import torch
 
-    from asrkd.data.audio_processing import AudioError, load_audio
+    from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, load_audio
     from asrkd.models.e2e_asr import load_checkpoint
 
     torch.set_num_threads(args.threads)
@@ -139,7 +139,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
         rows.append(
             {
                 "audio_filepath": str(path),
-                "duration": round(len(audio) / 16000, 3),
+                "duration": round(len(audio) / SAMPLE_RATE, 3),
                 "text": hypothesis.text,
                 "seconds": round(elapsed, 4),
             }

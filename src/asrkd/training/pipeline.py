@@ -226,15 +226,15 @@ def evaluate(
             hypotheses = model.infer(audio, lengths, method=method)
             elapsed = time.perf_counter() - start
             compute += elapsed
-            seconds = float(lengths.sum()) / model.features.config.sample_rate
-            audio_seconds += seconds
+            sample_rate = model.features.config.sample_rate
+            audio_seconds += float(lengths.sum()) / sample_rate
             for item, hypothesis, length in zip(items, hypotheses, lengths):
                 entry = dataset.entries[item["index"]]
                 reference = normalizer(entry.text or "")
                 rows.append(
                     {
                         "audio_filepath": str(entry.audio_filepath),
-                        "duration": round(float(length) / 16000, 3),
+                        "duration": round(float(length) / sample_rate, 3),
                         "reference": reference,
                         "hypothesis": hypothesis.text,
                         "wer": round(word_errors(reference, hypothesis.text).rate, 4),
