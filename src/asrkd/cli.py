@@ -21,12 +21,13 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from asrkd.config import ConfigError
     from asrkd.data.audio_processing import AudioError
     from asrkd.data.dataset import ManifestError
+    from asrkd.modelmodule import TrainingDivergedError
     from asrkd.models.e2e_asr import CheckpointError
     from asrkd.training.teacher_cache import TeacherCacheKeyError
 
     return (
         ConfigError, AudioError, ManifestError, CheckpointError, FileNotFoundError,
-        TeacherCacheKeyError,
+        TeacherCacheKeyError, TrainingDivergedError,
     )
 
 
@@ -74,7 +75,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from asrkd.training.pipeline import load_run_config, train
 
     config = load_run_config(args.config, args.overrides)
-    result = train(config)
+    result = train(config, resume=args.resume)
     print(json.dumps({k: v for k, v in result.items() if k != "val_history"}, indent=2))
 
 
@@ -182,6 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
         "e.g. --trainer.max_epochs 5 --model.encoder.d_model 144 training.kd.alpha=0.7",
     )
     train.add_argument("--config", action="append", default=[], help="YAML file (repeatable)")
+    train.add_argument(
+        "--resume", action="store_true",
+        help="continue from <output_dir>/checkpoints/last.ckpt if present (weights, optimizer, "
+        "scheduler, data position, RNG); otherwise start afresh",
+    )
     train.set_defaults(func=cmd_train)
 
     evaluate = sub.add_parser("evaluate", help="WER/CER/RTFx of a checkpoint on a manifest")

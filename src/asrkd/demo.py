@@ -71,7 +71,8 @@ def _train_stage(
     if name == "student_kd":
         overrides.append(f"training.teacher_checkpoint={exp / 'teacher' / 'model.ckpt'}")
     config = load_run_config([ROOT / "configs" / "presets" / f"{name}.yaml"], overrides)
-    return train(config)
+    # An interrupted stage continues from its last checkpoint instead of starting over.
+    return train(config, resume=True)
 
 
 def _evaluate_stage(name: str, corpus: Path, exp: Path, report_dir: Path) -> dict:

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
@@ -17,6 +19,29 @@ from asrkd.models.teacher_model import load_teacher
 from asrkd.training.losses import ASRLoss, ASRLossConfig
 from asrkd.training.teacher_cache import TeacherCache
 from asrkd.utils.metrics import ErrorCounts, char_errors, word_errors
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many batches in a row had a non-finite loss or gradient; the run stops."""
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as plain containers (``weights_only`` loads them)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
 
 
 @dataclass(frozen=True)
@@ -64,6 +89,9 @@ class ModelModule(L.LightningModule):
         optim: :class:`OptimConfig` (or dict).
         val_decoding: decoding method for validation WER (fast methods keep epochs short).
         distil_final_output: see :class:`KDWrapper`.
+        max_bad_batches_in_a_row: a batch whose loss or gradient is NaN/inf is skipped (no
+            weight update) and counted; this many in a row stop the run with
+            :class:`TrainingDivergedError` (the last checkpoint on disk predates them).
     """
 
     def __init__(
@@ -79,6 +107,7 @@ class ModelModule(L.LightningModule):
         distil_final_output: bool = True,
         examples_to_log: int = 3,
         teacher_cache: str | None = None,
+        max_bad_batches_in_a_row: int = 20,
     ) -> None:
         super().__init__()
 
@@ -105,6 +134,7 @@ class ModelModule(L.LightningModule):
                 "distil_final_output": distil_final_output,
                 "examples_to_log": examples_to_log,
                 "teacher_cache": teacher_cache,
+                "max_bad_batches_in_a_row": max_bad_batches_in_a_row,
             }
         )
         self.tokenizer: Tokenizer = tokenizer_from_dict(tokenizer)
@@ -135,6 +165,9 @@ class ModelModule(L.LightningModule):
         self._val_chars = ErrorCounts()
         self._val_examples: list[tuple[str, str]] = []
         self.skipped_batches = 0
+        self.bad_in_a_row = 0
+        self._loss_was_bad = False
+        self.max_bad_in_a_row = max_bad_batches_in_a_row
         self.impossible_ctc = 0
         self._warned_impossible = False
 
@@ -187,13 +220,33 @@ class ModelModule(L.LightningModule):
             )
         self.log("train/impossible_ctc", float(self.impossible_ctc), batch_size=len(frames))
 
-    def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor | None:
+    def _skip_bad_batch(self, why: str) -> None:
+        """Count a skipped batch; stop the run when too many come in a row."""
+        self.skipped_batches += 1
+        self.bad_in_a_row += 1
+        self.log("train/skipped_batches", float(self.skipped_batches), batch_size=1)
+        rank_zero_info(f"warning: skipped a batch at step {self.global_step}: {why}")
+        if self.bad_in_a_row >= self.max_bad_in_a_row:
+            raise TrainingDivergedError(
+                f"{self.bad_in_a_row} batches in a row had a non-finite loss or gradient (last "
+                f"at step {self.global_step}: {why}); stopped. Their updates were skipped, and "
+                "the last checkpoint on disk predates them: lower training.optim.lr or check "
+                "the data, then continue with --resume"
+            )
+
+    def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every utterance of the batch failed to load (strict: false)
+            return None
         parts = self.loss_parts(batch)
         total = parts["total"]
         if not torch.isfinite(total):
             # One bad batch must not poison the weights: skip it, count it, keep going.
-            self.skipped_batches += 1
-            self.log("train/skipped_batches", float(self.skipped_batches))
+            self._skip_bad_batch(f"loss is {float(total.detach())}")
+            if self.trainer.world_size > 1:
+                self._loss_was_bad = True
+                # Every rank must join the gradient all-reduce: backpropagate anyway. The NaN
+                # gradients reach all ranks, and on_before_optimizer_step drops them on each.
+                return total
             return None
         batch_size = len(batch["texts"])
         for name, value in parts.items():
@@ -202,10 +255,42 @@ class ModelModule(L.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], batch_size=batch_size)
         return total
 
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Drop non-finite gradients before clipping and the step (they would turn every
+        weight into NaN); a parameter without a gradient is left alone by the optimizer."""
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]]
+        grads = [g for g in grads if g is not None]
+        loss_was_bad, self._loss_was_bad = self._loss_was_bad, False
+        if not grads:  # a skipped batch: nothing was backpropagated
+            return
+        if not torch.isfinite(torch.stack([g.detach().abs().max() for g in grads])).all():
+            optimizer.zero_grad(set_to_none=True)
+            if not loss_was_bad:  # else training_step has counted it already
+                self._skip_bad_batch("non-finite gradient")
+            return
+        self.bad_in_a_row = 0
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning restores weights, optimizer, scheduler, loops and (through
+        # ResumableDataLoader) the data position; the RNG states make dropout and SpecAugment
+        # of a resumed run draw what the uninterrupted run drew.
+        checkpoint["asrkd_rng"] = rng_state()
+        checkpoint["asrkd_counters"] = {"skipped_batches": self.skipped_batches,
+                                        "impossible_ctc": self.impossible_ctc}
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        if "asrkd_rng" in checkpoint:
+            set_rng_state(checkpoint["asrkd_rng"])
+        counters = checkpoint.get("asrkd_counters", {})
+        self.skipped_batches = counters.get("skipped_batches", 0)
+        self.impossible_ctc = counters.get("impossible_ctc", 0)
+
     def on_validation_epoch_start(self) -> None:
         self._val_words, self._val_chars, self._val_examples = ErrorCounts(), ErrorCounts(), []
 
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
+    def validation_step(self, batch: dict | None, batch_idx: int) -> None:
+        if batch is None:
+            return
         batch_size = len(batch["texts"])
         parts = self.loss_parts(batch)
         self.log("val_loss", parts["total"], batch_size=batch_size, sync_dist=True, prog_bar=True)

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import lightning as L
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from asrkd.data.dataset import ManifestDataset, collate_batch
 from asrkd.data.tokenizer import Tokenizer
+
+log = logging.getLogger(__name__)
 
 
 class DurationBatchSampler(Sampler[list[int]]):
@@ -22,6 +26,11 @@ class DurationBatchSampler(Sampler[list[int]]):
     padding stays small while batch order stays random. Under DDP every rank receives the same
     number of batches (batches are dealt round-robin; the remainder is padded by repeating
     batches from the start), so no rank waits for another at the end of an epoch.
+
+    An utterance longer than ``max_batch_seconds`` on its own would make a batch over the
+    memory budget: it is left out of every epoch, counted in ``too_long`` and warned about once.
+    With ``with_epoch`` the sampler yields ``(index, epoch)`` pairs, so a dataset can draw its
+    per-item randomness from them (the same on a resumed run as on an uninterrupted one).
 
     Args:
         durations: seconds per utterance.
@@ -41,8 +50,18 @@ class DurationBatchSampler(Sampler[list[int]]):
         num_replicas: int | None = None,
         rank: int | None = None,
         bucket_size: int = 50,
+        with_epoch: bool = False,
     ) -> None:
         self.durations = list(durations)
+        self.usable = [i for i, d in enumerate(self.durations) if d <= max_batch_seconds]
+        self.too_long = len(self.durations) - len(self.usable)
+        if self.too_long:
+            log.warning(
+                "left out %d utterances longer than the batch budget max_batch_seconds=%g s "
+                "(raise it, or split the audio)", self.too_long, max_batch_seconds,
+            )
+        self.with_epoch = with_epoch
+        self._resume_skip = 0
         self.max_batch_seconds = max_batch_seconds
         self.max_batch_size = max_batch_size
         self.shuffle = shuffle
@@ -67,9 +86,23 @@ class DurationBatchSampler(Sampler[list[int]]):
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
+    @property
+    def sampler(self) -> DurationBatchSampler:
+        """Itself: Lightning calls ``set_epoch`` on ``loader.batch_sampler.sampler`` (as for
+        torch's BatchSampler), never on the batch sampler; without this every epoch would
+        repeat the first epoch's order."""
+        return self
+
+    def resume(self, epoch: int, batches_done: int) -> None:
+        """Continue epoch ``epoch`` after its first ``batches_done`` batches (of this rank)."""
+        self.epoch = epoch
+        if batches_done >= len(self):  # the checkpoint was taken at the end of the epoch
+            self.epoch, batches_done = epoch + 1, 0
+        self._resume_skip = batches_done
+
     def _all_batches(self) -> list[list[int]]:
         rng = random.Random(self.seed + self.epoch)
-        order = list(range(len(self.durations)))
+        order = list(self.usable)
         if self.shuffle:
             rng.shuffle(order)
         # Sort within large random chunks: similar lengths together, still random overall.
@@ -94,15 +127,40 @@ class DurationBatchSampler(Sampler[list[int]]):
             rng.shuffle(batches)
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[int]] | Iterator[list[tuple[int, int]]]:
         batches = self._all_batches()
         replicas = self.num_replicas
         per_rank = math.ceil(len(batches) / replicas)
         batches = batches + batches[: per_rank * replicas - len(batches)]
-        yield from batches[self.rank :: replicas]
+        mine = batches[self.rank :: replicas]
+        skip, self._resume_skip = self._resume_skip, 0
+        epoch = self.epoch
+        for batch in mine[skip:]:
+            yield [(index, epoch) for index in batch] if self.with_epoch else batch
 
     def __len__(self) -> int:
         return math.ceil(len(self._all_batches()) / self.num_replicas)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that Lightning can checkpoint and resume mid-epoch.
+
+    Lightning stores :meth:`state_dict` in every checkpoint and hands it back through
+    :meth:`load_state_dict` before the resumed run draws its first batch. The state is the
+    epoch and how many of its batches the training steps have consumed (``progress``, read from
+    the trainer; the loader itself cannot tell, since Lightning prefetches a batch ahead).
+    """
+
+    def __init__(self, *args, progress: Callable[[], tuple[int, int]], **kwargs) -> None:  # noqa: ANN002, ANN003
+        super().__init__(*args, **kwargs)
+        self._progress = progress
+
+    def state_dict(self) -> dict:
+        epoch, batches_done = self._progress()
+        return {"epoch": int(epoch), "batches_done": int(batches_done)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batch_sampler.resume(state["epoch"], state["batches_done"])
 
 
 class ASRDataModule(L.LightningDataModule):
@@ -150,6 +208,7 @@ class ASRDataModule(L.LightningDataModule):
                 min_duration=self.hparams.min_duration,
                 max_duration=self.hparams.max_duration if train else None,
                 speed_factors=tuple(self.hparams.speed_factors) if train else (),
+                seed=self.hparams.seed,
             )
         return self.datasets[split]
 
@@ -159,21 +218,38 @@ class ASRDataModule(L.LightningDataModule):
         seconds = self.hparams.max_batch_seconds
         if not train and self.hparams.eval_max_batch_seconds is not None:
             seconds = self.hparams.eval_max_batch_seconds
+        durations = dataset.durations
+        if dataset.speed_factors:
+            # A 0.9x speed copy is 11% longer: budget for the slowest factor.
+            stretch = 1.0 / min(dataset.speed_factors)
+            durations = [d * stretch for d in durations]
         sampler = DurationBatchSampler(
-            dataset.durations,
+            durations,
             max_batch_seconds=seconds,
             max_batch_size=self.hparams.max_batch_size,
             shuffle=train,
             seed=self.hparams.seed,
+            with_epoch=train and bool(dataset.speed_factors),
         )
         workers = self.hparams.num_workers
-        return DataLoader(
-            dataset,
-            batch_sampler=sampler,
-            collate_fn=collate_batch,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-        )
+        kwargs = {
+            "batch_sampler": sampler,
+            "collate_fn": collate_batch,
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            # Its own generator: creating an iterator must not draw from the global RNG,
+            # or a resumed run's dropout masks would drift from the uninterrupted run's.
+            "generator": torch.Generator().manual_seed(self.hparams.seed),
+        }
+        if train:
+            return ResumableDataLoader(dataset, progress=self._train_progress, **kwargs)
+        return DataLoader(dataset, **kwargs)
+
+    def _train_progress(self) -> tuple[int, int]:
+        """(epoch, training batches consumed in it), as the trainer counts them."""
+        loop = self.trainer.fit_loop
+        batches = loop.epoch_loop.batch_progress.current.processed
+        return loop.epoch_progress.current.processed, batches
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

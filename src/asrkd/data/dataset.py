@@ -14,10 +14,14 @@ import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
-from asrkd.data.audio_processing import SAMPLE_RATE, load_audio, speed_perturb
+from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, load_audio, speed_perturb
 from asrkd.data.tokenizer import PAD_ID, Tokenizer
 
 log = logging.getLogger(__name__)
+
+
+# How far a manifest's duration may be from the audio file's (rounding in other tools).
+DURATION_TOLERANCE = 0.1
 
 
 class ManifestError(ValueError):
@@ -119,6 +123,14 @@ def _check_line(
             return None, "unreadable audio", f"cannot read {audio_path} ({error})"
         if info.frames == 0:
             return None, "empty audio", f"{audio_path} holds no samples"
+        available = info.frames / info.samplerate - float(offset)
+        if float(duration) > available + DURATION_TOLERANCE or (
+            not offset and abs(available - float(duration)) > DURATION_TOLERANCE
+        ):
+            return None, "duration mismatch", (
+                f"duration {duration} s disagrees with the file ({available:.3f} s from offset "
+                f"{offset}); batching budgets trust it, so fix it to the file's length"
+            )
     entry = ManifestEntry(
         audio_filepath=audio_path,
         duration=float(duration),
@@ -211,8 +223,12 @@ class ManifestDataset(Dataset):
         max_duration: float | None = None,
         require_text: bool = True,
         speed_factors: tuple[float, ...] = (),
+        seed: int = 0,
     ) -> None:
         self.manifest = Path(manifest)
+        self.strict = strict
+        self.seed = seed
+        self.failed_loads = 0
         entries, self.report = read_manifest(
             manifest, strict, min_duration, max_duration, require_text=require_text
         )
@@ -255,16 +271,37 @@ class ManifestDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, index: int | tuple[int, int]) -> dict | None:
+        """One utterance. ``index`` may be ``(index, epoch)`` (see DurationBatchSampler's
+        ``with_epoch``): speed perturbation then depends only on the seed, epoch and index.
+
+        A file that fails to load (say, corrupt past its header) raises :class:`AudioError`
+        naming it when strict; otherwise it is logged and ``None`` is returned, which
+        :func:`collate_batch` drops.
+        """
+        epoch = None
+        if isinstance(index, tuple):
+            index, epoch = index
         entry = self.entries[index]
-        audio = load_audio(
-            entry.audio_filepath,
-            self.sample_rate,
-            offset=entry.offset,
-            duration=entry.duration if entry.offset else None,
-        )
+        try:
+            audio = load_audio(
+                entry.audio_filepath,
+                self.sample_rate,
+                offset=entry.offset,
+                duration=entry.duration if entry.offset else None,
+            )
+        except AudioError as error:
+            if self.strict:
+                raise AudioError(
+                    f"{self.manifest}, line {entry.line}: {error} (fix or remove the file, or "
+                    "set strict: false to skip it)"
+                ) from None
+            self.failed_loads += 1
+            log.warning("skipped unloadable audio (%s); %d so far", error, self.failed_loads)
+            return None
         if self.speed_factors:
-            audio = speed_perturb(audio, random.choice(self.speed_factors), self.sample_rate)
+            rng = random.Random(f"{self.seed}:{epoch}:{index}") if epoch is not None else random
+            audio = speed_perturb(audio, rng.choice(self.speed_factors), self.sample_rate)
         item = {
             "audio": torch.from_numpy(audio),
             "text": entry.text or "",
@@ -291,13 +328,19 @@ def duration_batches(entries: list[ManifestEntry], batch_seconds: float) -> list
     return batches
 
 
-def collate_batch(items: list[dict]) -> dict:
+def collate_batch(items: list[dict | None]) -> dict | None:
     """Pad a list of dataset items into a batch.
+
+    ``None`` items (audio that failed to load with ``strict: false``) are dropped; a batch
+    with none left is ``None``, which the training and validation steps skip.
 
     Returns a dict with ``audio`` (B, S), ``audio_lengths`` (B,), ``texts``, ``indices`` (B,),
     ``keys`` (utterance ids, see :func:`utterance_key`) and, when items carry tokens,
     ``targets`` (B, U) padded with ``<pad>`` and ``target_lengths`` (B,).
     """
+    items = [item for item in items if item is not None]
+    if not items:
+        return None
     audio_lengths = torch.tensor([len(item["audio"]) for item in items], dtype=torch.long)
     audio = torch.zeros(len(items), int(audio_lengths.max()))
     for row, item in enumerate(items):

@@ -33,6 +33,7 @@ from asrkd.models.transformer_decoder import (
     TransformerDecoderConfig,
     make_decoder_io,
 )
+from asrkd.utils.io import atomic_save
 
 CHECKPOINT_FORMAT = "asrkd-checkpoint-1"
 DECODER_TYPES = ("transformer", "rnnt", "none")
@@ -405,29 +406,36 @@ def save_checkpoint(model: E2EASR, path: str | Path, extra: dict | None = None) 
         "extra": extra or {},
         "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
-    return path
+    return atomic_save(payload, path)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded; the message says why and what to do."""
 
 
-def read_checkpoint(path: str | Path) -> dict:
-    """Load a checkpoint's contents safely (``weights_only=True``: no arbitrary pickles)."""
+def safe_load(path: str | Path) -> dict:
+    """``torch.load`` with ``weights_only=True`` (an asrkd or a Lightning checkpoint).
+
+    Raises:
+        CheckpointError: a missing file, or content that needs arbitrary pickled objects.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found")
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any unpickling failure means "refuse"
+        first_line = (str(error).splitlines() or [""])[0]
         raise CheckpointError(
-            f"{path}: refused to load ({type(error).__name__}: {str(error).splitlines()[0]}). "
+            f"{path}: refused to load ({type(error).__name__}: {first_line}). "
             "asrkd checkpoints hold only tensors and plain containers; a file that needs "
             "arbitrary pickled objects is not one of ours and is not trusted"
         ) from None
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """Load an asrkd checkpoint's contents safely (see :func:`safe_load`)."""
+    payload = safe_load(path)
     if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
         raise CheckpointError(f"{path}: not an asrkd checkpoint (format {CHECKPOINT_FORMAT})")
     return payload
@@ -464,5 +472,6 @@ __all__ = [
     "make_decoder_io",
     "pad_waveforms",
     "read_checkpoint",
+    "safe_load",
     "save_checkpoint",
 ]

@@ -50,17 +50,31 @@ class TeacherStaysFrozen(L.Callback):
 
 
 class TrainingTimer(L.Callback):
-    """Wall-clock seconds spent in ``fit`` (reported in the demo table)."""
+    """Wall-clock seconds spent in ``fit`` (reported in the demo table).
+
+    Checkpointed, so a resumed run reports the time of all its parts (not the lost work
+    between the last checkpoint and a crash).
+    """
 
     def __init__(self) -> None:
         self.seconds = 0.0
+        self._before = 0.0
         self._start = 0.0
+
+    def _elapsed(self) -> float:
+        return self._before + time.perf_counter() - self._start
 
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
         self._start = time.perf_counter()
 
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self.seconds = time.perf_counter() - self._start
+        self.seconds = self._elapsed()
+
+    def state_dict(self) -> dict:
+        return {"seconds": self._elapsed() if self._start else self._before}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._before = float(state_dict.get("seconds", 0.0))
 
 
 class ValidationHistory(L.Callback):
@@ -68,6 +82,12 @@ class ValidationHistory(L.Callback):
 
     def __init__(self) -> None:
         self.history: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = list(state_dict.get("history", []))
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:

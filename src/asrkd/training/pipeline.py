@@ -9,6 +9,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 
 from asrkd.config import ConfigError, deep_merge, from_dict, load_yaml, parse_overrides, to_dict
 from asrkd.data.datamodule import ASRDataModule
@@ -18,15 +19,19 @@ from asrkd.modelmodule import ModelModule, OptimConfig
 from asrkd.models.distillation import KDConfig
 from asrkd.models.e2e_asr import (
     E2EASR,
+    CheckpointError,
     ModelConfig,
     load_checkpoint,
     pad_waveforms,
     read_checkpoint,
+    safe_load,
     save_checkpoint,
 )
 from asrkd.models.presets import get_preset
+from asrkd.training.checkpointing import resume_checkpoint
 from asrkd.training.losses import ASRLossConfig
 from asrkd.training.trainer import build_trainer
+from asrkd.utils.io import atomic_write_text
 from asrkd.utils.metrics import char_errors, corpus_error_rates, word_errors
 from asrkd.utils.threads import torch_threads
 
@@ -66,6 +71,8 @@ class TrainingConfig:
     early_stopping_patience: int | None = None
     tokenizer_from: str | None = None  # checkpoint whose tokenizer to reuse (KD: the teacher's)
     teacher_cache: str | None = None  # `asrkd cache-teacher` output: offline CTC KD
+    checkpoint_every_n_steps: int = 50  # how often checkpoints/last.ckpt (for --resume) is written
+    max_bad_batches_in_a_row: int = 20  # NaN/inf batches skipped before the run stops
 
 
 @dataclass(frozen=True)
@@ -127,9 +134,42 @@ def _tokenizer(config: RunConfig, model_config: ModelConfig) -> Tokenizer:
     return build_tokenizer(kind, texts, model_config.tokenizer.vocab_size)
 
 
-def train(config: RunConfig) -> dict:
+def _check_resumable(checkpoint: Path, module: ModelModule) -> None:
+    """Refuse to resume from a checkpoint of another model, naming what differs."""
+    saved = safe_load(checkpoint).get("hyper_parameters", {})
+    for key in ("model_config", "tokenizer", "use_kd"):
+        if key in saved and saved[key] != module.hparams[key]:
+            detail = ""
+            if isinstance(saved[key], dict):
+                flat_saved, flat_now = _flatten(saved[key]), _flatten(module.hparams[key])
+                keys = sorted(k for k in flat_saved.keys() | flat_now.keys()
+                              if flat_saved.get(k) != flat_now.get(k))
+                detail = ": " + ", ".join(
+                    f"{k} {flat_saved.get(k)!r} there vs {flat_now.get(k)!r} now" for k in keys[:3]
+                )
+            raise CheckpointError(
+                f"cannot resume from {checkpoint}: it was written for a different {key}{detail} "
+                "(resume with the same config, or use a new output_dir)"
+            )
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def train(config: RunConfig, resume: bool = False) -> dict:
     """Train one model; write ``<output_dir>/model.ckpt`` (asrkd format, student only) and
-    ``<output_dir>/train_result.json``. Returns that result."""
+    ``<output_dir>/train_result.json``. Returns that result.
+
+    With ``resume``, continue from ``<output_dir>/checkpoints/last.ckpt`` when there is one
+    (weights, optimizer, scheduler, data position and RNG states), else start afresh.
+    """
     L.seed_everything(config.seed, workers=True)
     output_dir = Path(_resolve(config.output_dir))
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -147,6 +187,7 @@ def train(config: RunConfig) -> dict:
         val_decoding=training.val_decoding,
         distil_final_output=training.distil_final_output,
         teacher_cache=_resolve(training.teacher_cache),
+        max_bad_batches_in_a_row=training.max_bad_batches_in_a_row,
     )
     data = config.data
     datamodule = ASRDataModule(
@@ -170,14 +211,18 @@ def train(config: RunConfig) -> dict:
         )
     datamodule.attach_tokenizer(tokenizer)
     trainer, callbacks = build_trainer(
-        config.trainer, output_dir, training.early_stopping_patience
+        config.trainer, output_dir, training.early_stopping_patience,
+        checkpoint_every_n_steps=training.checkpoint_every_n_steps,
     )
-    (output_dir / "run_config.json").write_text(json.dumps(asdict(config), indent=2))
-    trainer.fit(module, datamodule=datamodule)
+    start_from = resume_checkpoint(output_dir) if resume else None
+    if start_from is not None:
+        _check_resumable(start_from, module)
+        rank_zero_info(f"resuming from {start_from}")
+    atomic_write_text(output_dir / "run_config.json", json.dumps(asdict(config), indent=2))
+    trainer.fit(module, datamodule=datamodule, ckpt_path=start_from, weights_only=True)
     best = callbacks["checkpoint"].best_model_path
     if best and trainer.is_global_zero:
-        state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-        module.load_state_dict(state)
+        module.load_state_dict(safe_load(best)["state_dict"])
     result = {
         "name": config.name,
         "checkpoint": str(output_dir / "model.ckpt"),
@@ -191,7 +236,8 @@ def train(config: RunConfig) -> dict:
     }
     if trainer.is_global_zero:
         save_checkpoint(module.model, output_dir / "model.ckpt", extra={"train": result})
-        (output_dir / "train_result.json").write_text(json.dumps(result, indent=2))
+        # Written last: its presence marks a finished run (the demo reuses such stages).
+        atomic_write_text(output_dir / "train_result.json", json.dumps(result, indent=2))
     return result
 
 

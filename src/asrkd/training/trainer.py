@@ -16,6 +16,7 @@ from asrkd.training.callbacks import (
     TrainingTimer,
     ValidationHistory,
 )
+from asrkd.training.checkpointing import LAST_CHECKPOINT, AtomicCheckpointIO
 
 TRAINER_DEFAULTS = {
     "accelerator": "cpu",
@@ -33,10 +34,16 @@ def build_trainer(
     output_dir: str | Path,
     early_stopping_patience: int | None = None,
     extra_callbacks: list[L.Callback] | None = None,
+    checkpoint_every_n_steps: int = 50,
 ) -> tuple[L.Trainer, dict[str, L.Callback]]:
     """A Trainer with our callbacks; ``trainer_config`` holds Lightning Trainer arguments.
 
-    Returns the trainer and the named callbacks (``checkpoint``, ``timer``, ``history``).
+    Checkpoints go to ``<output_dir>/checkpoints``: the best by validation WER, and
+    ``last.ckpt`` every ``checkpoint_every_n_steps`` optimizer steps (what ``--resume``
+    continues from). Both are written atomically and loaded with ``weights_only=True``.
+
+    Returns the trainer and the named callbacks (``checkpoint``, ``last``, ``timer``,
+    ``history``, ``teacher``).
     """
     valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     for key in trainer_config:
@@ -52,10 +59,19 @@ def build_trainer(
         monitor="val_wer",
         mode="min",
         save_top_k=1,
-        save_last=True,
+        save_last=False,
+    )
+    last = ModelCheckpoint(
+        dirpath=output_dir / "checkpoints",
+        filename=LAST_CHECKPOINT.removesuffix(".ckpt"),
+        monitor=None,
+        save_top_k=1,
+        every_n_train_steps=max(1, checkpoint_every_n_steps),
+        enable_version_counter=False,
     )
     named = {
         "checkpoint": checkpoint,
+        "last": last,
         "timer": TrainingTimer(),
         "history": ValidationHistory(),
         "teacher": TeacherStaysFrozen(),
@@ -79,4 +95,7 @@ def build_trainer(
         kwargs["logger"] = CSVLogger(str(output_dir), name="logs")
     # Our duration-bucketed batch sampler is already DDP-aware: don't let Lightning wrap it.
     kwargs.setdefault("use_distributed_sampler", False)
+    if "plugins" in kwargs:
+        raise ConfigError("trainer.plugins is managed by asrkd (atomic checkpoint I/O)")
+    kwargs["plugins"] = [AtomicCheckpointIO()]
     return L.Trainer(callbacks=callbacks, **kwargs), named
