@@ -13,6 +13,9 @@ and measured on CPU with a fixed thread count (2 by default):
 * ``forward_s`` / ``forward_backward_s``: wall seconds of a training-mode forward (with
   ~150-token targets, so the decoder runs too) and of forward + supervised loss + backward, on
   a batch of 8 x 10 s; best of ``--repeats`` after one warm-up.
+* ``train_peak_rss_mb``: peak resident memory (``ru_maxrss``) of a fresh process that builds
+  the model and runs one training step (forward + loss + backward + AdamW step) on the
+  training batch; ``train_step_rss_mb`` is how much of it the step adds over the built model.
 * ``rtfx``: audio seconds / wall seconds of ``model.infer(..., method="ctc_greedy")`` on
   8 x 10 s (eval mode, one warm-up, best of 3).
 
@@ -27,6 +30,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -218,13 +223,45 @@ def machine_info(threads: int) -> dict[str, object]:
     }
 
 
-def benchmark_preset(name: str, shapes: Shapes) -> dict[str, float]:
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _train_step_rss(name: str, shapes: Shapes) -> dict[str, float]:
+    """Child process body: build, measure the peak before and after one training step."""
+    tokenizer = CharTokenizer.english()
+    torch.manual_seed(0)
+    model = build_model(PRESETS[name](), tokenizer).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    audio, lengths = make_audio(shapes.batch, shapes.seconds)
+    targets, target_lengths = make_targets(tokenizer, shapes.batch, shapes.target_tokens)
+    before = _rss_mb()
+    output = model(audio, lengths, targets, target_lengths)
+    ASRLoss()(output, targets, target_lengths)["total"].backward()
+    optimizer.step()
+    return {"peak": _rss_mb(), "added": _rss_mb() - before}
+
+
+def train_step_peak_rss(name: str, quick: bool) -> tuple[float, float]:
+    """(peak RSS MB, MB added by the step) of one training step, in a fresh process
+    (``ru_maxrss`` only ever grows, so each preset needs its own process)."""
+    command = [sys.executable, __file__, "--rss-child", name,
+               "--threads", str(torch.get_num_threads())] + (["--quick"] if quick else [])
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900)
+    result = json.loads(output.stdout.strip().splitlines()[-1])
+    return result["peak"], result["added"]
+
+
+def benchmark_preset(name: str, shapes: Shapes, quick: bool = False) -> dict[str, float]:
     """Every per-preset measurement for one preset."""
     tokenizer = CharTokenizer.english()
     torch.manual_seed(0)
     model = build_model(PRESETS[name](), tokenizer)
     flops, frontend_flops = count_flops(model, shapes.flops_seconds)
     forward_s, forward_backward_s = time_training(model, tokenizer, shapes)
+    peak_rss, step_rss = train_step_peak_rss(name, quick)
     return {
         "params": model.num_parameters(),
         "flops_per_audio_second": flops / shapes.flops_seconds,
@@ -232,6 +269,8 @@ def benchmark_preset(name: str, shapes: Shapes) -> dict[str, float]:
         "forward_s": forward_s,
         "forward_backward_s": forward_backward_s,
         "rtfx": inference_rtfx(model, shapes),
+        "train_peak_rss_mb": round(peak_rss, 1),
+        "train_step_rss_mb": round(step_rss, 1),
     }
 
 
@@ -242,7 +281,7 @@ def print_table(results: dict[str, dict[str, float]], loss: dict[str, float]) ->
 
     table = Table(title="asrkd model presets (CPU)")
     for column in ("preset", "params (M)", "GFLOPs / audio s", "frontend share",
-                   "fwd (s)", "fwd+bwd (s)", "RTFx (ctc greedy)"):
+                   "fwd (s)", "fwd+bwd (s)", "train peak RSS (MB)", "RTFx (ctc greedy)"):
         table.add_column(column, justify="left" if column == "preset" else "right")
     for name, row in results.items():
         table.add_row(
@@ -252,6 +291,7 @@ def print_table(results: dict[str, dict[str, float]], loss: dict[str, float]) ->
             f"{100 * row['frontend_flops_share']:.1f}%",
             f"{row['forward_s']:.3f}",
             f"{row['forward_backward_s']:.3f}",
+            f"{row['train_peak_rss_mb']:.0f} (+{row['train_step_rss_mb']:.0f})",
             f"{row['rtfx']:.1f}",
         )
     console = Console()
@@ -273,6 +313,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="timed runs of fwd and fwd+bwd")
+    parser.add_argument("--rss-child", help=argparse.SUPPRESS)  # see train_step_peak_rss
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
@@ -280,6 +321,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if unknown:
         parser.error(f"unknown presets {unknown}; choose from {', '.join(PRESETS)}")
     shapes = Shapes.quick() if args.quick else Shapes()
+    if args.rss_child:
+        torch.set_num_threads(args.threads)
+        result = _train_step_rss(args.rss_child, shapes)
+        print(json.dumps(result))
+        return result
     if args.repeats:
         shapes = Shapes(**{**shapes.__dict__, "repeats": args.repeats})
 
@@ -287,7 +333,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     torch.set_num_threads(args.threads)
     try:
         load_before = list(os.getloadavg())
-        results = {name: benchmark_preset(name, shapes) for name in names}
+        results = {name: benchmark_preset(name, shapes, args.quick) for name in names}
         loss = rnnt_over_ctc(shapes)
         machine = machine_info(args.threads)
         machine["loadavg_before"] = load_before
