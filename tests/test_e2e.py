@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pickle
 from dataclasses import replace
@@ -13,6 +14,7 @@ import torch
 from asrkd.data.audio_processing import SpecAugmentConfig
 from asrkd.data.tokenizer import CharTokenizer
 from asrkd.models.e2e_asr import (
+    E2EASR,
     CheckpointError,
     ModelConfig,
     RNNTSettings,
@@ -140,9 +142,12 @@ def test_transcribe_reads_files(tmp_path, ljspeech_dir):
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
-def _overfit(decoder: str, corpus: Path, steps: int) -> float:
+@functools.cache
+def overfit(decoder: str, corpus: Path, steps: int) -> tuple[float, E2EASR, list[dict]]:
     """Train a small model on 20 utterances (BPE: 8x subsampling leaves too few frames for
-    characters); return its CER on them."""
+    characters); return its CER on them, the model and its two batches.
+
+    Cached: tests of what happens after training (ONNX export) reuse the same run."""
     from asrkd.data.dataset import ManifestDataset, collate_batch, read_manifest
     from asrkd.data.tokenizer import build_tokenizer
     from asrkd.utils.metrics import corpus_error_rates
@@ -180,11 +185,11 @@ def _overfit(decoder: str, corpus: Path, steps: int) -> float:
         found = model.infer(batch["audio"], batch["audio_lengths"], method=method[decoder])
         hypotheses += [h.text for h in found]
         references += [tokenizer.normalizer(t) for t in batch["texts"]]
-    return corpus_error_rates(references, hypotheses)["cer"]
+    return corpus_error_rates(references, hypotheses)["cer"], model.eval(), batches
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["none", "transformer", "rnnt"])
 def test_learning_is_real(decoder, tiny_corpus):
-    cer = _overfit(decoder, tiny_corpus, steps=350 if decoder == "transformer" else 200)
+    cer = overfit(decoder, tiny_corpus, steps=350 if decoder == "transformer" else 200)[0]
     assert cer < 0.05, f"{decoder}: CER {cer:.3f} on its 20 training utterances"

@@ -1,5 +1,5 @@
-"""The ``asrkd`` command: corpus, presets, train, evaluate, infer, demo, cache-teacher,
-pseudo-label.
+"""The ``asrkd`` command: corpus, presets, train, evaluate, infer, export, demo,
+cache-teacher, pseudo-label.
 
 User errors (bad config key, missing file, bad manifest line, unreadable checkpoint) end the
 command with one readable line on stderr and exit status 2; only bugs print tracebacks.
@@ -113,14 +113,41 @@ def expand_audio_paths(paths: list[str]) -> list[Path]:
     return expanded
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from asrkd.export import export_onnx
+    from asrkd.models.e2e_asr import load_checkpoint
+
+    description = export_onnx(load_checkpoint(args.ckpt), args.out, int8=args.int8)
+    out = Path(args.out)
+    for name, file in description["graphs"].items():
+        path = out.with_name(file)
+        print(f"{name}: {path} ({path.stat().st_size / 1e6:.2f} MB{', int8' if args.int8 else ''})")
+    print(f"tokenizer and layout: {out}.json")
+
+
 def cmd_infer(args: argparse.Namespace) -> None:
+    import numpy as np
     import torch
 
     from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, load_audio
     from asrkd.models.e2e_asr import load_checkpoint
 
     torch.set_num_threads(args.threads)
-    model = load_checkpoint(args.ckpt)
+    if args.onnx:
+        from asrkd.export import OnnxASR
+
+        onnx_model = OnnxASR(args.onnx, threads=args.threads)
+
+        def transcribe(audio):  # noqa: ANN001, ANN202
+            return onnx_model.infer(audio[None], np.array([len(audio)]), method=args.method)[0]
+    else:
+        model = load_checkpoint(args.ckpt)
+
+        def transcribe(audio):  # noqa: ANN001, ANN202
+            return model.infer(
+                torch.from_numpy(audio)[None], torch.tensor([len(audio)]), method=args.method
+            )[0].text
+
     files = expand_audio_paths(args.paths)
     if not files:
         raise FileNotFoundError("no audio files found in " + ", ".join(args.paths))
@@ -132,16 +159,14 @@ def cmd_infer(args: argparse.Namespace) -> None:
             print(f"skipped: {error}", file=sys.stderr)
             continue
         start = time.perf_counter()
-        hypothesis = model.infer(
-            torch.from_numpy(audio)[None], torch.tensor([len(audio)]), method=args.method
-        )[0]
+        text = transcribe(audio)
         elapsed = time.perf_counter() - start
-        print(f"{path}\t{hypothesis.text}")
+        print(f"{path}\t{text}")
         rows.append(
             {
                 "audio_filepath": str(path),
                 "duration": round(len(audio) / SAMPLE_RATE, 3),
-                "text": hypothesis.text,
+                "text": text,
                 "seconds": round(elapsed, 4),
             }
         )
@@ -206,9 +231,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="audio files or folders (default: the default corpus's test audio)",
     )
     infer.add_argument("--method", default=None)
+    infer.add_argument("--onnx", default=None,
+                       help="run an `asrkd export` ONNX file with onnxruntime instead of --ckpt")
     infer.add_argument("--out", default=None, help="write JSONL with text and timing")
     infer.add_argument("--threads", type=int, default=2)
     infer.set_defaults(func=cmd_infer)
+
+    export = sub.add_parser(
+        "export", help="export to ONNX (waveform -> CTC log-probs; RNN-T graphs too)"
+    )
+    export.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"default: {DEFAULT_CKPT}")
+    export.add_argument("--out", default="exp/demo/student_kd.onnx")
+    export.add_argument("--int8", action="store_true", help="int8 dynamic quantization")
+    export.set_defaults(func=cmd_export)
 
     demo = sub.add_parser("demo", help="corpus -> teacher -> student -> KD student -> report")
     demo.add_argument("--out", default="reports/demo")

@@ -403,14 +403,17 @@ class RelPositionMultiHeadAttention(nn.Module):
         bias = (pos_scores * (1.0 / math.sqrt(d_k))).masked_fill(
             block_mask, torch.finfo(pos_scores.dtype).min
         )
-        out = F.scaled_dot_product_attention(
-            q + self.pos_bias_u.unsqueeze(1),
-            k,
-            v,
-            attn_mask=bias,
-            dropout_p=self.dropout_att if self.training else 0.0,
-        )  # (B, H, T, dk); SDPA's default scale is 1/sqrt(dk), matching the bias
-        return self.out(out.transpose(1, 2).reshape(b, t, d))
+        q_u = q + self.pos_bias_u.unsqueeze(1)
+        if torch.onnx.is_in_onnx_export():
+            # Written out for export: the exporter mis-tracks the layout of SDPA's CPU output
+            # (a later view fails) and ONNX has no fused attention to map it to anyway.
+            scores = torch.matmul(q_u, k.transpose(-2, -1)) * (1.0 / math.sqrt(d_k)) + bias
+            out = torch.matmul(torch.softmax(scores, dim=-1), v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q_u, k, v, attn_mask=bias, dropout_p=self.dropout_att if self.training else 0.0
+            )  # (B, H, T, dk); SDPA's default scale is 1/sqrt(dk), matching the bias
+        return self.out(out.transpose(1, 2).contiguous().view(b, t, d))
 
 
 # --------------------------------------------------------------------------------------------

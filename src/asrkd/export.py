@@ -1,0 +1,268 @@
+"""ONNX export of a trained model, and a small onnxruntime recogniser that runs it.
+
+``asrkd export --ckpt student.ckpt --out student.onnx [--int8]`` writes:
+
+* ``student.onnx``: waveform (B, S) float32 + lengths (B,) int64 -> CTC log-probs (B, T, V)
+  + frame lengths (B,). Log-mel features are inside the graph, so a deployment needs nothing
+  but onnxruntime and the tokenizer. Batch and time axes are dynamic (the dynamo exporter).
+* for an RNN-T model, also ``student.encoder.onnx`` (waveform -> encoder states),
+  ``student.predictor.onnx`` (one prediction-network step: label + LSTM state -> output + new
+  state) and ``student.joint.onnx`` (one encoder frame + prediction output -> log-probs); a
+  greedy decoder loops over them (:class:`OnnxASR`).
+* ``student.onnx.json``: the tokenizer and how the graphs fit together.
+
+``--int8`` quantises the weights of MatMul/Gemm to int8 (onnxruntime dynamic quantization:
+activations are quantised on the fly), about 4x smaller files.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from asrkd.data.tokenizer import tokenizer_from_dict
+from asrkd.models.e2e_asr import E2EASR
+
+FORMAT = "asrkd-onnx-1"
+OPSET = 18
+log = logging.getLogger(__name__)
+
+
+class _CTCGraph(nn.Module):
+    """Waveform -> CTC log-probs: the exported function of a CTC model."""
+
+    def __init__(self, model: E2EASR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor):  # noqa: ANN201
+        encoded = self.model.encode(audio, audio_lengths)
+        return self.model.ctc.log_probs(encoded.output), encoded.lengths
+
+
+class _EncoderGraph(nn.Module):
+    def __init__(self, model: E2EASR) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor):  # noqa: ANN201
+        encoded = self.model.encode(audio, audio_lengths)
+        return encoded.output, encoded.lengths
+
+
+class _PredictorGraph(nn.Module):
+    def __init__(self, model: E2EASR) -> None:
+        super().__init__()
+        self.prediction = model.decoder.prediction
+
+    def forward(self, tokens: torch.Tensor, h: torch.Tensor, c: torch.Tensor):  # noqa: ANN201
+        out, (h, c) = self.prediction.step(tokens, (h, c))
+        return out, h, c
+
+
+class _JointGraph(nn.Module):
+    def __init__(self, model: E2EASR) -> None:
+        super().__init__()
+        self.joint = model.decoder.joint
+
+    def forward(self, encoder_frame: torch.Tensor, pred_out: torch.Tensor) -> torch.Tensor:
+        logits = self.joint.combine(
+            self.joint.encoder_proj(encoder_frame), self.joint.pred_proj(pred_out)
+        )
+        return logits.log_softmax(-1)
+
+
+def _export(module: nn.Module, args: tuple, names: tuple[list[str], list[str]],
+            dynamic: tuple, path: Path) -> None:
+    module.eval()
+    with torch.no_grad():
+        torch.onnx.export(
+            module, args, str(path), dynamo=True, dynamic_shapes=dynamic,
+            input_names=names[0], output_names=names[1], opset_version=OPSET,
+            external_data=False, verbose=False,
+        )
+
+
+def _quantize(path: Path, keep_float_shapes: list[list[int]]) -> None:
+    """Replace ``path`` by its int8 dynamic quantization: MatMul/Gemm with constant weights.
+
+    Products of two activations (attention scores) stay float, and so does every MatMul whose
+    weight has a shape in ``keep_float_shapes``: the mel filterbank. Its input is the power
+    spectrum, whose dynamic range (1e-10 to 1e3) a per-tensor uint8 scale flattens to zero;
+    quantizing it made a trained model's int8 transcripts differ from its float ones by 92%
+    WER (measured in tests/test_export.py before this exclusion).
+    """
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    graph = onnx.load(str(path)).graph
+    shapes = {init.name: list(init.dims) for init in graph.initializer}
+    keep_float = [
+        node.name for node in graph.node
+        if node.op_type in ("MatMul", "Gemm")
+        and any(shapes.get(name) in keep_float_shapes for name in node.input)
+    ]
+    with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
+        target = Path(tmp) / path.name
+        # onnxruntime's quantizer logs a pre-processing suggestion on every call.
+        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
+        quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8,
+                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep_float,
+                         extra_options={"MatMulConstBOnly": True})
+        os.replace(target, path)
+
+
+def export_onnx(model: E2EASR, out: str | Path, int8: bool = False) -> dict:
+    """Export ``model`` (see the module doc); returns the sidecar description it wrote."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval()
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    samples = torch.export.Dim("samples", min=800, max=16000 * 3600)
+    audio = torch.randn(2, 32000)
+    lengths = torch.tensor([32000, 24000])
+    wave_axes = ({0: batch, 1: samples}, {0: batch})
+    graphs: dict[str, str] = {}
+    if model.ctc is not None:
+        _export(_CTCGraph(model), (audio, lengths),
+                (["audio", "audio_lengths"], ["log_probs", "lengths"]), wave_axes, out)
+        graphs["ctc"] = out.name
+    if model.decoder_type == "rnnt":
+        stem = out.name.removesuffix(".onnx")
+        rnnt = model.decoder.config
+        n = torch.export.Dim("hyps", min=1, max=4096)
+        paths = {k: out.with_name(f"{stem}.{k}.onnx") for k in ("encoder", "predictor", "joint")}
+        _export(_EncoderGraph(model), (audio, lengths),
+                (["audio", "audio_lengths"], ["encoder_out", "lengths"]), wave_axes,
+                paths["encoder"])
+        state = torch.zeros(rnnt.pred_layers, 2, rnnt.pred_dim)
+        _export(_PredictorGraph(model), (torch.tensor([0, 5]), state, state.clone()),
+                (["tokens", "h", "c"], ["pred_out", "h_out", "c_out"]),
+                ({0: n}, {1: n}, {1: n}), paths["predictor"])
+        _export(_JointGraph(model),
+                (torch.randn(2, rnnt.encoder_dim), torch.randn(2, rnnt.pred_dim)),
+                (["encoder_frame", "pred_out"], ["log_probs"]), ({0: n}, {0: n}),
+                paths["joint"])
+        graphs.update({k: p.name for k, p in paths.items()})
+    if not graphs:
+        raise ValueError("nothing to export: the model has neither a CTC head nor an RNN-T")
+    if int8:
+        filterbank = [list(buffer.shape) for name, buffer in model.features.named_buffers()
+                      if "fbank" in name]
+        for name in graphs.values():
+            _quantize(out.with_name(name), filterbank)
+    description = {
+        "format": FORMAT,
+        "graphs": graphs,
+        "tokenizer": model.tokenizer.to_dict(),
+        "sample_rate": model.features.config.sample_rate,
+        "blank_id": 0,
+        "int8": int8,
+        "rnnt": None if model.decoder_type != "rnnt" else {
+            "pred_layers": model.decoder.config.pred_layers,
+            "pred_dim": model.decoder.config.pred_dim,
+            "max_symbols_per_frame": model.decoder.config.max_symbols_per_frame,
+        },
+    }
+    Path(f"{out}.json").write_text(json.dumps(description, indent=1), encoding="utf-8")
+    return description
+
+
+class OnnxASR:
+    """Transcribe with exported graphs and onnxruntime alone (no torch model needed).
+
+    Args:
+        path: the ``.onnx`` file given to ``asrkd export --out`` (its ``.json`` sits beside it).
+        threads: onnxruntime intra-op threads.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        path = Path(path)
+        sidecar = Path(f"{path}.json")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{sidecar} not found (written by `asrkd export` beside "
+                                    f"{path.name})")
+        self.description = json.loads(sidecar.read_text(encoding="utf-8"))
+        if self.description.get("format") != FORMAT:
+            raise ValueError(f"{sidecar}: not an asrkd ONNX export ({FORMAT})")
+        self.tokenizer = tokenizer_from_dict(self.description["tokenizer"])
+        self.sample_rate = int(self.description["sample_rate"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self.sessions = {
+            name: ort.InferenceSession(str(path.with_name(file)), options,
+                                       providers=["CPUExecutionProvider"])
+            for name, file in self.description["graphs"].items()
+        }
+
+    @property
+    def default_method(self) -> str:
+        return "ctc_greedy" if "ctc" in self.sessions else "rnnt_greedy"
+
+    def ctc_log_probs(self, audio: np.ndarray, lengths: np.ndarray):  # noqa: ANN201
+        """(B, T, V) log-probs and (B,) frame lengths."""
+        return self.sessions["ctc"].run(
+            None, {"audio": audio.astype(np.float32), "audio_lengths": lengths.astype(np.int64)}
+        )
+
+    def _ctc_greedy(self, audio: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+        log_probs, frames = self.ctc_log_probs(audio, lengths)
+        blank = self.description["blank_id"]
+        results = []
+        for row, length in zip(log_probs.argmax(-1), frames):
+            ids = row[: int(length)]
+            keep = (ids != blank) & (ids != np.concatenate([[blank], ids[:-1]]))
+            results.append(ids[keep].tolist())
+        return results
+
+    def _rnnt_greedy(self, audio: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+        encoder_out, frames = self.sessions["encoder"].run(
+            None, {"audio": audio.astype(np.float32), "audio_lengths": lengths.astype(np.int64)}
+        )
+        config = self.description["rnnt"]
+        blank = self.description["blank_id"]
+        predictor, joint = self.sessions["predictor"], self.sessions["joint"]
+        results = []
+        for b in range(encoder_out.shape[0]):
+            h = np.zeros((config["pred_layers"], 1, config["pred_dim"]), dtype=np.float32)
+            c = np.zeros_like(h)
+            pred, h, c = predictor.run(None, {"tokens": np.array([blank]), "h": h, "c": c})
+            tokens: list[int] = []
+            for t in range(int(frames[b])):
+                frame = encoder_out[b, t][None]
+                for _ in range(config["max_symbols_per_frame"]):
+                    label = int(joint.run(None, {"encoder_frame": frame,
+                                                 "pred_out": pred})[0][0].argmax())
+                    if label == blank:
+                        break
+                    tokens.append(label)
+                    pred, h, c = predictor.run(None, {"tokens": np.array([label]), "h": h,
+                                                      "c": c})
+            results.append(tokens)
+        return results
+
+    def infer(self, audio: np.ndarray, lengths: np.ndarray, method: str | None = None
+              ) -> list[str]:
+        """Texts of a batch of 16 kHz waveforms (B, S) with (B,) valid samples."""
+        method = method or self.default_method
+        if method == "ctc_greedy" and "ctc" in self.sessions:
+            ids = self._ctc_greedy(audio, lengths)
+        elif method == "rnnt_greedy" and "encoder" in self.sessions:
+            ids = self._rnnt_greedy(audio, lengths)
+        else:
+            raise ValueError(f"method {method!r} is not available in this export "
+                             f"(graphs: {', '.join(self.sessions)})")
+        return [self.tokenizer.decode(tokens) for tokens in ids]
+
+
+__all__ = ["OnnxASR", "export_onnx"]
