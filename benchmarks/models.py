@@ -33,7 +33,7 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -46,6 +46,7 @@ from asrkd.models.e2e_asr import E2EASR, build_model
 from asrkd.models.presets import PRESETS
 from asrkd.training.losses import ASRLoss
 from asrkd.training.rnnt_loss import rnnt_loss
+from asrkd.utils.timing import best_time, cpu_model
 
 SAMPLE_RATE = 16000
 DEFAULT_PRESETS = (
@@ -91,18 +92,6 @@ class Shapes:
             loss_labels=5,
             loss_repeats=2,
         )
-
-
-def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Best wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs."""
-    for _ in range(warmup):
-        fn()
-    best = float("inf")
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def make_audio(batch: int, seconds: float, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,17 +187,6 @@ def rnnt_over_ctc(shapes: Shapes) -> dict[str, float]:
     rnnt_s = best_time(rnnt_step, shapes.loss_repeats)
     ctc_s = best_time(ctc_step, shapes.loss_repeats)
     return {"rnnt_s": rnnt_s, "ctc_s": ctc_s, "ratio": rnnt_s / ctc_s}
-
-
-def cpu_model() -> str:
-    """The CPU's model name from /proc/cpuinfo (platform string elsewhere)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def machine_info(threads: int) -> dict[str, object]:

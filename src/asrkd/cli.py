@@ -176,6 +176,26 @@ def cmd_infer(args: argparse.Namespace) -> None:
                 handle.write(json.dumps(row) + "\n")
 
 
+def cmd_bench(args: argparse.Namespace) -> None:
+    from asrkd.bench import run_bench
+
+    checkpoints = None
+    if args.ckpt:
+        checkpoints = {}
+        for item in args.ckpt:
+            name, sep, path = item.partition("=")
+            if not sep:
+                raise FileNotFoundError(f"--ckpt takes name=path, got {item!r}")
+            checkpoints[name] = Path(path)
+    out = Path(args.out)
+    results = run_bench(
+        Path(args.exp), Path(args.corpus), out, out.with_name("benchmarks.json"),
+        out.with_name("benchmarks_rtfx_vs_wer.png"), quick=args.quick, threads=args.threads,
+        nemo=not args.no_nemo, checkpoints=checkpoints,
+    )
+    print(f"wrote {out} in {results['seconds']:.0f} s")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from asrkd.demo import run_demo
 
@@ -244,6 +264,17 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", default="exp/demo/student_kd.onnx")
     export.add_argument("--int8", action="store_true", help="int8 dynamic quantization")
     export.set_defaults(func=cmd_export)
+
+    bench = sub.add_parser("bench", help="teacher/student/KD student speed, size, ONNX, NeMo")
+    bench.add_argument("--exp", default="exp/demo", help="folder with <name>/model.ckpt")
+    bench.add_argument("--ckpt", action="append", default=[],
+                       help="name=path instead of the demo's three (repeatable)")
+    bench.add_argument("--corpus", default="data/default", help="clips from its test split")
+    bench.add_argument("--out", default="BENCHMARKS.md")
+    bench.add_argument("--threads", type=int, default=2)
+    bench.add_argument("--quick", action="store_true", help="tiny shapes: checks the pipeline")
+    bench.add_argument("--no-nemo", action="store_true", help="skip the NeMo comparison")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="corpus -> teacher -> student -> KD student -> report")
     demo.add_argument("--out", default="reports/demo")

@@ -17,10 +17,13 @@ activations are quantised on the fly), about 4x smaller files.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +85,11 @@ class _JointGraph(nn.Module):
 def _export(module: nn.Module, args: tuple, names: tuple[list[str], list[str]],
             dynamic: tuple, path: Path) -> None:
     module.eval()
-    with torch.no_grad():
+    # The exporter narrates each stage on stdout and warns about things that do not concern
+    # a user (torchvision ops, axis renames); its real failures are still raised.
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(
             module, args, str(path), dynamo=True, dynamic_shapes=dynamic,
             input_names=names[0], output_names=names[1], opset_version=OPSET,

@@ -1,0 +1,41 @@
+"""`asrkd bench` end to end in quick mode (tiny shapes: the figures are not checked)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from asrkd.bench import run_bench
+from asrkd.data.tokenizer import CharTokenizer
+from asrkd.models.e2e_asr import build_model, save_checkpoint
+from test_e2e import tiny_config
+
+
+@pytest.mark.slow
+def test_bench_quick_writes_every_section(tmp_path, tiny_corpus):
+    torch.manual_seed(0)
+    checkpoints = {}
+    for name, decoder in (("teacher", "transformer"), ("student", "rnnt")):
+        model = build_model(tiny_config(decoder), CharTokenizer.english())
+        checkpoints[name] = save_checkpoint(model, tmp_path / f"{name}.ckpt")
+    out = tmp_path / "BENCHMARKS.md"
+    results = run_bench(tmp_path, tiny_corpus, out, tmp_path / "b.json", tmp_path / "b.png",
+                        quick=True, nemo=False, checkpoints=checkpoints)
+    saved = json.loads((tmp_path / "b.json").read_text())
+    assert saved["models"].keys() == {"teacher", "student"}
+    teacher, student = saved["models"]["teacher"], saved["models"]["student"]
+    assert teacher["decoding"].keys() == {"ctc_greedy", "attention_beam"}
+    assert student["decoding"].keys() == {"ctc_greedy", "rnnt_greedy", "rnnt_beam"}
+    assert not saved["rnnt_untrained"]  # an RNN-T checkpoint was given: no untrained rows
+    for row in saved["models"].values():
+        assert row["params"] > 0 and row["train"]["audio_seconds_per_second"] > 0
+        assert 0 < row["train"]["mfu"] and row["train_peak_rss_mb"] > 100
+        assert row["onnx"]["onnx_int8"]["file_mb"] < row["onnx"]["onnx"]["file_mb"]
+        assert row["onnx"]["onnx_int8"]["wer_vs_float"] is not None
+    text = out.read_text()
+    for heading in ("## Size and inference", "## Training", "## Peer: NeMo", "quick mode"):
+        assert heading in text
+    assert "Missing: --no-nemo" in text and (tmp_path / "b.png").stat().st_size > 1000
+    assert results["seconds"] < 600
