@@ -13,7 +13,7 @@ and measured on CPU with a fixed thread count (2 by default):
 * ``forward_s`` / ``forward_backward_s``: wall seconds of a training-mode forward (with
   ~150-token targets, so the decoder runs too) and of forward + supervised loss + backward, on
   a batch of 8 x 10 s; best of ``--repeats`` after one warm-up.
-* ``train_peak_rss_mb``: peak resident memory (``ru_maxrss``) of a fresh process that builds
+* ``train_peak_rss_mb``: peak resident memory (``VmHWM``) of a fresh process that builds
   the model and runs one training step (forward + loss + backward + AdamW step) on the
   training batch; ``train_step_rss_mb`` is how much of it the step adds over the built model.
 * ``rtfx``: audio seconds / wall seconds of ``model.infer(..., method="ctc_greedy")`` on
@@ -46,7 +46,7 @@ from asrkd.models.e2e_asr import E2EASR, build_model
 from asrkd.models.presets import PRESETS
 from asrkd.training.losses import ASRLoss
 from asrkd.training.rnnt_loss import rnnt_loss
-from asrkd.utils.timing import best_time, cpu_model
+from asrkd.utils.timing import best_time, cpu_model, peak_rss_mb
 
 SAMPLE_RATE = 16000
 DEFAULT_PRESETS = (
@@ -201,12 +201,6 @@ def machine_info(threads: int) -> dict[str, object]:
     }
 
 
-def _rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
 def _train_step_rss(name: str, shapes: Shapes) -> dict[str, float]:
     """Child process body: build, measure the peak before and after one training step."""
     tokenizer = CharTokenizer.english()
@@ -215,16 +209,16 @@ def _train_step_rss(name: str, shapes: Shapes) -> dict[str, float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     audio, lengths = make_audio(shapes.batch, shapes.seconds)
     targets, target_lengths = make_targets(tokenizer, shapes.batch, shapes.target_tokens)
-    before = _rss_mb()
+    before = peak_rss_mb()
     output = model(audio, lengths, targets, target_lengths)
     ASRLoss()(output, targets, target_lengths)["total"].backward()
     optimizer.step()
-    return {"peak": _rss_mb(), "added": _rss_mb() - before}
+    return {"peak": peak_rss_mb(), "added": peak_rss_mb() - before}
 
 
 def train_step_peak_rss(name: str, quick: bool) -> tuple[float, float]:
     """(peak RSS MB, MB added by the step) of one training step, in a fresh process
-    (``ru_maxrss`` only ever grows, so each preset needs its own process)."""
+    (the high-water mark only ever grows, so each preset needs its own process)."""
     command = [sys.executable, __file__, "--rss-child", name,
                "--threads", str(torch.get_num_threads())] + (["--quick"] if quick else [])
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900)

@@ -23,9 +23,9 @@ Writes ``BENCHMARKS.md``, a JSON file and a PNG plot (RTFx vs WER).
 
 from __future__ import annotations
 
+import copy
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -44,7 +44,7 @@ from asrkd.models.presets import get_preset
 from asrkd.training.losses import ASRLoss
 from asrkd.utils.metrics import corpus_error_rates
 from asrkd.utils.threads import torch_threads
-from asrkd.utils.timing import best_time, cpu_model
+from asrkd.utils.timing import best_time, cpu_model, peak_rss_mb
 
 ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("teacher", "student", "student_kd")
@@ -64,10 +64,6 @@ class BenchPlan:
 
 QUICK = BenchPlan(clips=2, clip_seconds=2.0, batch=2, rnnt_clips=1, train_batch=2,
                   train_seconds=2.0, repeats=1, matmul_size=256)
-
-
-def _rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def test_clips(corpus: Path, plan: BenchPlan) -> list[np.ndarray]:
@@ -118,7 +114,12 @@ def matmul_peak(size: int, repeats: int) -> float:
 
 
 def training_step(model: E2EASR, plan: BenchPlan) -> dict[str, float]:
-    """Audio seconds per second, FLOPs and seconds of one training step on random audio."""
+    """Audio seconds per second, FLOPs and seconds of one training step on random audio.
+
+    Runs on a copy: the optimizer step and batch-norm statistics must not change the model
+    that is measured (and exported) afterwards.
+    """
+    model = copy.deepcopy(model)
     samples = int(16000 * plan.train_seconds)
     generator = torch.Generator().manual_seed(0)
     audio = 0.1 * torch.randn(plan.train_batch, samples, generator=generator)
@@ -140,7 +141,6 @@ def training_step(model: E2EASR, plan: BenchPlan) -> dict[str, float]:
     with counter:
         step()
     seconds = best_time(step, plan.repeats, warmup=0)
-    model.eval()
     return {
         "audio_seconds_per_second": round(plan.train_batch * plan.train_seconds / seconds, 1),
         "step_seconds": round(seconds, 3),
@@ -162,7 +162,7 @@ def peak_rss_of_training(checkpoint: Path | None, preset: str | None, plan: Benc
 def _rss_child(source: str, plan: BenchPlan) -> float:
     model = _load(source)
     training_step(model, replace(plan, repeats=1))
-    return _rss_mb()
+    return peak_rss_mb()
 
 
 def _load(source: str) -> E2EASR:
@@ -189,25 +189,32 @@ def onnx_rows(model: E2EASR, clips: list[np.ndarray], plan: BenchPlan, manifest:
         row = {"file_mb": round(path.stat().st_size / 1e6, 2),
                "rtfx_b1": rtfx(run, clips, 1), f"rtfx_b{plan.batch}": rtfx(run, clips, plan.batch)}
         if manifest is not None:
-            row["wer"], row["texts"] = _onnx_wer(session, manifest, model)
+            row["wer"], row["texts"], row["differ_from_torch"] = _onnx_wer(session, manifest,
+                                                                           model)
+            row["utterances"] = len(row["texts"])
         rows[name] = row
     if "texts" in rows["onnx"]:
         rows["onnx_int8"]["wer_vs_float"] = round(corpus_error_rates(
             rows["onnx"]["texts"], rows["onnx_int8"]["texts"])["wer"], 4)
+        rows["onnx_int8"]["wer_change"] = round(rows["onnx_int8"]["wer"] - rows["onnx"]["wer"], 4)
         for row in rows.values():
             row.pop("texts")
     return rows
 
 
-def _onnx_wer(session, manifest: Path, model: E2EASR) -> tuple[float, list[str]]:  # noqa: ANN001
+def _onnx_wer(session, manifest: Path, model: E2EASR) -> tuple[float, list[str], int]:  # noqa: ANN001
+    """WER of the ONNX transcripts, the transcripts, and how many differ from PyTorch's."""
     dataset = ManifestDataset(manifest)
-    references, hypotheses = [], []
+    references, hypotheses, differ = [], [], 0
     for batch in duration_batches(dataset.entries, 120.0):
         items = [dataset[i] for i in batch]
         audio, lengths = pad_waveforms([item["audio"] for item in items])
-        hypotheses += session.infer(audio.numpy(), lengths.numpy(), "ctc_greedy")
+        texts = session.infer(audio.numpy(), lengths.numpy(), "ctc_greedy")
+        expected = model.infer(audio, lengths, method="ctc_greedy")
+        differ += sum(text != hyp.text for text, hyp in zip(texts, expected))
+        hypotheses += texts
         references += [model.tokenizer.normalizer(item["text"]) for item in items]
-    return round(corpus_error_rates(references, hypotheses)["wer"], 4), hypotheses
+    return round(corpus_error_rates(references, hypotheses)["wer"], 4), hypotheses, differ
 
 
 def decoding_rows(model: E2EASR, clips: list[np.ndarray], plan: BenchPlan,
@@ -307,9 +314,14 @@ def run_bench(exp_dir: Path, corpus: Path, out_md: Path, out_json: Path, plot: P
     results["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
-    out_md.write_text(markdown(results, out_json, plot))
+    out_md.write_text(markdown(results, _relative(out_json, out_md), _relative(plot, out_md)))
     _plot(results, plot)
     return results
+
+
+def _relative(path: Path, document: Path) -> Path:
+    """``path`` as a link from ``document``'s folder."""
+    return Path(os.path.relpath(Path(path).resolve(), Path(document).resolve().parent))
 
 
 def _demo_wer(checkpoint: Path, exp_dir: Path) -> float | None:
@@ -340,7 +352,7 @@ def markdown(results: dict, json_path: Path, plot: Path) -> str:
         f"{results['machine']['threads']} threads, torch {results['machine']['torch']}, "
         f"{results['date']}. Load average before/after: "
         f"{results['machine']['loadavg_before'][0]:.2f}/"
-        f"{results['machine']['loadavg_after'][0]:.2f}. Raw figures: `{json_path.name}`"
+        f"{results['machine']['loadavg_after'][0]:.2f}. Raw figures: [`{json_path}`]({json_path})"
         + (" (**quick mode: tiny shapes, the numbers mean nothing**)" if results["quick"]
            else "") + ".",
         "",
@@ -371,11 +383,17 @@ def markdown(results: dict, json_path: Path, plot: Path) -> str:
                   f"CTC greedy RTFx {s['decoding']['ctc_greedy']['rtfx_b1'] / t['decoding']['ctc_greedy']['rtfx_b1']:.2f}x "  # noqa: E501
                   f"at batch 1 and {s['decoding']['ctc_greedy'][f'rtfx_b{batch}'] / t['decoding']['ctc_greedy'][f'rtfx_b{batch}']:.2f}x "  # noqa: E501
                   f"at batch {batch}."]
-    int8 = {n: r["onnx"]["onnx_int8"].get("wer_vs_float") for n, r in models.items()
-            if "onnx" in r}
-    if any(v is not None for v in int8.values()):
-        lines += ["", "int8 vs float ONNX transcripts on the whole test split (WER between "
-                  "them): " + ", ".join(f"{n} {_pct(v)} %" for n, v in int8.items()) + "."]
+    int8 = {n: r["onnx"]["onnx_int8"] for n, r in models.items() if "onnx" in r}
+    if any("wer_change" in v for v in int8.values()):
+        differ = ", ".join(f"{n} {r['onnx']['onnx']['differ_from_torch']}"
+                           for n, r in models.items() if "onnx" in r)
+        lines += ["", f"ONNX WER is measured here on the whole test split "
+                  f"({next(iter(int8.values()))['utterances']} utterances); float ONNX "
+                  f"transcripts that differ from PyTorch's: {differ}. int8 changes the WER by "
+                  + ", ".join(f"{n} {100 * v['wer_change']:+.1f}" for n, v in int8.items())
+                  + " points (absolute); its transcripts differ from the float ones by "
+                  + ", ".join(f"{n} {_pct(v['wer_vs_float'])} %" for n, v in int8.items())
+                  + " WER (the under-trained models have many near-ties)."]
     if results["rnnt_untrained"]:
         lines += ["", "## RNN-T decoding (untrained presets: an upper bound on cost)", "",
                   f"| preset | params | method | RTFx b1 | RTFx b{batch} |",
@@ -412,7 +430,7 @@ def markdown(results: dict, json_path: Path, plot: Path) -> str:
                   "frames, best of both orders; `benchmarks/nemo_compare.py`)."]
     else:
         lines.append(f"Missing: {nemo.get('missing')}.")
-    lines += ["", f"![RTFx vs WER]({plot.name})", ""]
+    lines += ["", f"![RTFx vs WER]({plot})", ""]
     return "\n".join(lines)
 
 
@@ -422,17 +440,19 @@ def _plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for name, row in results["models"].items():
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    markers = {"torch": "o", "onnx": "s", "onnx_int8": "^"}
+    for color, (name, row) in zip(("tab:blue", "tab:orange", "tab:green", "tab:red"),
+                                  results["models"].items()):
         if row["wer"] is None:
             continue
-        points = [(row["decoding"]["ctc_greedy"]["rtfx_b1"], row["wer"], "torch")]
-        for kind, onnx in row.get("onnx", {}).items():
-            if onnx.get("wer") is not None:
-                points.append((onnx["rtfx_b1"], onnx["wer"], kind))
-        for speed, wer, kind in points:
-            axis.scatter(speed, 100 * wer, marker={"torch": "o", "onnx": "s"}.get(kind, "^"))
-            axis.annotate(f"{name} ({kind})", (speed, 100 * wer), fontsize=7)
+        points = [("torch", row["decoding"]["ctc_greedy"]["rtfx_b1"], row["wer"])]
+        points += [(kind, onnx["rtfx_b1"], onnx["wer"])
+                   for kind, onnx in row.get("onnx", {}).items() if onnx.get("wer") is not None]
+        for kind, speed, wer in points:
+            axis.scatter(speed, 100 * wer, color=color, marker=markers[kind], s=50,
+                         label=f"{name}, {kind}")
+    axis.legend(fontsize=7, ncol=3, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     axis.set_xlabel("RTFx, CTC greedy, batch 1, 2 threads (higher is faster)")
     axis.set_ylabel("WER % (default test split)")
     axis.set_title("Speed vs accuracy")

@@ -188,9 +188,10 @@ def cmd_bench(args: argparse.Namespace) -> None:
                 raise FileNotFoundError(f"--ckpt takes name=path, got {item!r}")
             checkpoints[name] = Path(path)
     out = Path(args.out)
+    results_dir = Path(args.results_dir)
     results = run_bench(
-        Path(args.exp), Path(args.corpus), out, out.with_name("benchmarks.json"),
-        out.with_name("benchmarks_rtfx_vs_wer.png"), quick=args.quick, threads=args.threads,
+        Path(args.exp), Path(args.corpus), out, results_dir / "bench.json",
+        results_dir / "bench_rtfx_vs_wer.png", quick=args.quick, threads=args.threads,
         nemo=not args.no_nemo, checkpoints=checkpoints,
     )
     print(f"wrote {out} in {results['seconds']:.0f} s")
@@ -271,6 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name=path instead of the demo's three (repeatable)")
     bench.add_argument("--corpus", default="data/default", help="clips from its test split")
     bench.add_argument("--out", default="BENCHMARKS.md")
+    bench.add_argument("--results-dir", default="benchmarks/results",
+                       help="where the JSON and the plot go")
     bench.add_argument("--threads", type=int, default=2)
     bench.add_argument("--quick", action="store_true", help="tiny shapes: checks the pipeline")
     bench.add_argument("--no-nemo", action="store_true", help="skip the NeMo comparison")

@@ -31,4 +31,22 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-__all__ = ["best_time", "cpu_model"]
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process's address space, in MB.
+
+    Reads ``VmHWM`` from /proc/self/status. ``getrusage``'s ``ru_maxrss`` is not used on
+    Linux: it survives ``execve``, so a child spawned by a large parent reports the parent's
+    peak (measured: 2.3 GB instead of the child's own 1.05 GB).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+__all__ = ["best_time", "cpu_model", "peak_rss_mb"]
