@@ -31,6 +31,10 @@ OVERRIDES = [
     "model.tokenizer.vocab_size=64",
     "model.spec_augment.time_masks=2",
     "data.min_duration=0.05",
+    # KD weight chosen on this recipe's validation speaker (lucas), not the demo's: with the
+    # same teacher and 400 steps, alpha 0.5 reached val WER 70.0 %, alpha 0.8 (the demo's
+    # choice) 72.8 %.
+    "training.kd.alpha=0.5",
 ]
 FULL = DemoPlan(teacher_steps=600, student_steps=400, max_batch_seconds=40.0,
                 val_every_steps=100, warmup_steps=50)
