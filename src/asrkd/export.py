@@ -87,14 +87,26 @@ def _export(module: nn.Module, args: tuple, names: tuple[list[str], list[str]],
     module.eval()
     # The exporter narrates each stage on stdout and warns about things that do not concern
     # a user (torchvision ops, axis renames); its real failures are still raised.
-    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+    with torch.no_grad(), warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+            _quiet_logger("torch.onnx"):
         warnings.simplefilter("ignore")
-        logging.getLogger("torch.onnx").setLevel(logging.ERROR)
         torch.onnx.export(
             module, args, str(path), dynamo=True, dynamic_shapes=dynamic,
             input_names=names[0], output_names=names[1], opset_version=OPSET,
             external_data=False, verbose=False,
         )
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str | None):  # noqa: ANN202
+    """Raise a logger to ERROR for the duration (None: the root logger), then restore it."""
+    logger = logging.getLogger(name)
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 def _quantize(path: Path, keep_float_shapes: list[list[int]]) -> None:
@@ -118,11 +130,12 @@ def _quantize(path: Path, keep_float_shapes: list[list[int]]) -> None:
     ]
     with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
         target = Path(tmp) / path.name
-        # onnxruntime's quantizer logs a pre-processing suggestion on every call.
-        logging.getLogger().setLevel(max(logging.getLogger().level, logging.ERROR))
-        quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8,
-                         op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep_float,
-                         extra_options={"MatMulConstBOnly": True})
+        # onnxruntime's quantizer logs a pre-processing suggestion on the root logger.
+        with _quiet_logger(None):
+            quantize_dynamic(str(path), str(target), weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Gemm"],
+                             nodes_to_exclude=keep_float,
+                             extra_options={"MatMulConstBOnly": True})
         os.replace(target, path)
 
 
