@@ -148,11 +148,11 @@ def training_step(model: E2EASR, plan: BenchPlan) -> dict[str, float]:
     }
 
 
-def peak_rss_of_training(checkpoint: Path | None, preset: str | None, plan: BenchPlan,
-                         threads: int) -> float:
-    """Peak RSS (MB) of a fresh process that loads the model and runs one training step."""
-    command = [sys.executable, "-m", "asrkd.bench", "--rss-child",
-               str(checkpoint) if checkpoint else f"preset:{preset}", "--threads", str(threads)]
+def peak_rss_of_training(source: str, plan: BenchPlan, threads: int) -> float:
+    """Peak RSS (MB) of a fresh process that loads the model (a checkpoint path, or
+    ``preset:<name>``) and runs one training step."""
+    command = [sys.executable, "-m", "asrkd.bench", "--rss-child", source,
+               "--threads", str(threads)]
     if plan == QUICK:
         command.append("--quick")
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900)
@@ -289,15 +289,14 @@ def run_bench(exp_dir: Path, corpus: Path, out_md: Path, out_json: Path, plot: P
                 "decoding": decoding_rows(model, clips, plan, _methods(model)),
                 "train": {**train, "mfu": round(train["step_flops"] / train["step_seconds"]
                                                 / peak, 3)},
-                "train_peak_rss_mb": round(peak_rss_of_training(Path(path), None, plan,
-                                                                threads), 1),
+                "train_peak_rss_mb": round(peak_rss_of_training(str(path), plan, threads), 1),
             }
             if model.ctc is not None:
                 workdir = Path(tmp) / name
                 workdir.mkdir()
                 row["onnx"] = onnx_rows(model, clips, plan, manifest, threads, workdir)
             results["models"][name] = row
-        if not any(m.decoder_type == "rnnt" for m in map(load_checkpoint, checkpoints.values())):
+        if not any("rnnt_greedy" in row["decoding"] for row in results["models"].values()):
             for preset in ("teacher_cpu_rnnt", "student_cpu_rnnt"):
                 model = _load(f"preset:{preset}").eval()
                 results["rnnt_untrained"][preset] = {

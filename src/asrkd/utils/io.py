@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
 
-def atomic_save(obj: Any, path: str | Path) -> Path:
-    """``torch.save`` to ``path`` so that readers only ever see the old or the new file."""
+def _write_atomically(path: str | Path, write: Callable[[IO[bytes]], None]) -> Path:
+    """Call ``write`` on a temporary file beside ``path``, fsync it, rename it over ``path``.
+
+    Readers only ever see the old or the new file; a crash leaves at worst a stray
+    ``*.tmp-<pid>``, which the next write of the same name removes.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(path.name + ".tmp-*"):
@@ -20,7 +25,7 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         with tmp.open("wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -38,20 +43,14 @@ def atomic_save(obj: Any, path: str | Path) -> Path:
     return path
 
 
+def atomic_save(obj: Any, path: str | Path) -> Path:
+    """``torch.save`` to ``path`` so that readers only ever see the old or the new file."""
+    return _write_atomically(path, lambda handle: torch.save(obj, handle))
+
 
 def atomic_write_text(path: str | Path, text: str) -> Path:
-    """Write a text file so that readers only ever see the old or the new content."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    return path
+    """Write a UTF-8 text file so that readers only ever see the old or the new content."""
+    return _write_atomically(path, lambda handle: handle.write(text.encode("utf-8")))
 
 
 __all__ = ["atomic_save", "atomic_write_text"]
