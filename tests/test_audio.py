@@ -56,8 +56,36 @@ def test_log_mel_matches_numpy_reference_on_real_speech(ljspeech_dir):
     features, lengths = extractor(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))
     reference = numpy_log_mel(audio)
     assert features.shape[1] == reference.shape[0] == int(lengths[0])
-    error = np.abs(features[0].double().numpy() - reference).max()
-    assert error < 1e-4, error
+    error = np.abs(features[0].double().numpy() - reference)
+    # float32 FFT round-off (as in torchaudio and NeMo): 4e-4 at worst in quiet bins of loud
+    # frames, 2e-6 on average.
+    assert error.max() < 1e-3, error.max()
+    assert error.mean() < 1e-5, error.mean()
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_per_utterance_reflect_padding_matches_definition(seed):
+    """Both code paths (rows longer than the padding, and rows that reflect more than once)
+    against the definition: reflect at the row's start and at its own end, zeros after."""
+    from asrkd.data.audio_processing import _reflect_pad_per_utterance
+
+    g = torch.Generator().manual_seed(seed)
+    batch, samples = int(torch.randint(1, 5, (1,), generator=g)), int(
+        torch.randint(2, 600, (1,), generator=g)
+    )
+    pad = int(torch.randint(1, 200, (1,), generator=g))
+    lengths = torch.randint(1, samples + 1, (batch,), generator=g)
+    lengths[0] = samples
+    audio = torch.randn(batch, samples, generator=g)
+    expected = torch.zeros(batch, samples + 2 * pad)
+    for b, length in enumerate(lengths.tolist()):
+        for i in range(-pad, length + pad):
+            source = abs(i)
+            if source > length - 1:
+                source = 2 * (length - 1) - source
+            if 0 <= source < length:
+                expected[b, i + pad] = audio[b, source]
+    assert torch.equal(_reflect_pad_per_utterance(audio, lengths, pad), expected)
 
 
 def test_log_mel_is_padding_invariant_and_batched(ljspeech_dir):
