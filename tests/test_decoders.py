@@ -175,6 +175,11 @@ def test_make_decoder_io_and_ce():
     ref = F.cross_entropy(logits.view(-1, V), dec_out.view(-1), ignore_index=1, label_smoothing=0.1)
     assert label_smoothed_ce(logits, dec_out, dec_lengths, 0.1, 1) == pytest.approx(float(ref))
     assert label_smoothed_ce(logits, dec_out, None, 0.1, 1) == pytest.approx(float(ref))
+    # Per utterance: the same token losses summed (6 valid tokens) and divided by 2 utterances.
+    per_utterance = label_smoothed_ce(logits, dec_out, dec_lengths, 0.1, 1, reduction="utterance")
+    assert per_utterance == pytest.approx(float(ref) * 6 / 2)
+    with pytest.raises(ValueError, match="reduction"):
+        label_smoothed_ce(logits, dec_out, dec_lengths, reduction="batch")
 
 
 def test_decoder_shapes_and_causality():

@@ -104,10 +104,17 @@ def test_ctc_kd_hand_case_with_temperature_and_blank_weighting() -> None:
         _kl(_softmax([v / tau for v in t[f]]), _softmax([v / tau for v in s[f]])) for f in range(2)
     ]
 
+    # One utterance: "utterance" sums over its frames, "frame" averages them.
     plain = CTCFrameKD(temperature=tau)(student, teacher, lengths)
-    assert _f(plain) == pytest.approx(tau**2 * (kls[0] + kls[1]) / 2, rel=1e-10)
+    assert _f(plain) == pytest.approx(tau**2 * (kls[0] + kls[1]), rel=1e-10)
+    mean = CTCFrameKD(temperature=tau, reduction="frame")(student, teacher, lengths)
+    assert _f(mean) == pytest.approx(tau**2 * (kls[0] + kls[1]) / 2, rel=1e-10)
 
     weighted = CTCFrameKD(temperature=tau, blank_weight=0.5)(student, teacher, lengths)
+    assert _f(weighted) == pytest.approx(tau**2 * (0.5 * kls[0] + kls[1]), rel=1e-10)
+    weighted = CTCFrameKD(temperature=tau, blank_weight=0.5, reduction="frame")(
+        student, teacher, lengths
+    )
     assert _f(weighted) == pytest.approx(tau**2 * (0.5 * kls[0] + kls[1]) / 1.5, rel=1e-10)
 
     # Teacher blank prob (temperature 1) of frame 0 is e^2 / (e^2 + 2) ~ 0.79 > 0.7: dropped.
@@ -129,8 +136,29 @@ def test_token_kd_hand_case() -> None:
     student = torch.tensor([s], dtype=torch.float64)
     teacher = torch.tensor([t], dtype=torch.float64)
     expected = (_kl(_softmax(t[0]), _softmax(s[0])) + _kl(_softmax(t[1]), _softmax(s[1]))) / 2
-    value = TokenKD()(student, teacher, torch.tensor([2]))
+    value = TokenKD(reduction="frame")(student, teacher, torch.tensor([2]))
     assert _f(value) == pytest.approx(expected, rel=1e-10)
+    value = TokenKD()(student, teacher, torch.tensor([2]))  # one utterance: the sum
+    assert _f(value) == pytest.approx(2 * expected, rel=1e-10)
+
+
+def test_utterance_reduction_sums_frames_and_averages_utterances() -> None:
+    """Two utterances of 3 and 1 frames: (kl_00 + kl_01 + kl_02 + kl_10) / 2, whereas the
+    frame mean divides by 4; the 1-frame utterance weighs a quarter, not half."""
+    g = _gen(11)
+    s = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    t = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([3, 1])
+    kl = [[_kl(_softmax(t[b, f].tolist()), _softmax(s[b, f].tolist())) for f in range(3)]
+          for b in range(2)]
+    total = kl[0][0] + kl[0][1] + kl[0][2] + kl[1][0]
+    assert _f(CTCFrameKD(temperature=1.0)(s, t, lengths)) == pytest.approx(total / 2)
+    assert _f(CTCFrameKD(temperature=1.0, reduction="frame")(s, t, lengths)) == pytest.approx(
+        total / 4
+    )
+    assert _f(TokenKD()(s, t, lengths)) == pytest.approx(total / 2)
+    with pytest.raises(ValueError, match="reduction"):
+        CTCFrameKD(reduction="batch")
 
 
 def _collapse(logits: list[float], label: int | None) -> list[float]:
@@ -149,18 +177,22 @@ def test_rnnt_kd_hand_case_three_way_and_two_way() -> None:
     targets = torch.tensor([[2]])
     node0 = _kl(_collapse(t[0], 2), _collapse(s[0], 2))
     node1 = _kl(_collapse(t[1], None), _collapse(s[1], None))
-    value = RNNTKD()(student, teacher, targets, torch.tensor([1]), torch.tensor([1]))
+    one = torch.tensor([1])
+    value = RNNTKD(reduction="frame")(student, teacher, targets, one, one)
     assert _f(value) == pytest.approx((node0 + node1) / 2, rel=1e-10)
+    # "utterance": the node mean times T + U = 2 nodes on every alignment path.
+    value = RNNTKD()(student, teacher, targets, one, one)
+    assert _f(value) == pytest.approx(node0 + node1, rel=1e-10)
 
     tau = 3.0
     node0 = _kl(_collapse([v / tau for v in t[0]], 2), _collapse([v / tau for v in s[0]], 2))
     node1 = _kl(_collapse([v / tau for v in t[1]], None), _collapse([v / tau for v in s[1]], None))
-    value = RNNTKD(temperature=tau)(student, teacher, targets, torch.tensor([1]), torch.tensor([1]))
+    value = RNNTKD(temperature=tau, reduction="frame")(student, teacher, targets, one, one)
     assert _f(value) == pytest.approx(tau**2 * (node0 + node1) / 2, rel=1e-10)
 
 
 def test_hidden_kd_hand_case() -> None:
-    loss = HiddenStateKD([2], [1], {0: 0}, loss="mse")
+    loss = HiddenStateKD([2], [1], {0: 0}, loss="mse", reduction="frame")
     with torch.no_grad():
         loss.projections[0].weight.copy_(torch.tensor([[1.0, 2.0]]))
         loss.projections[0].bias.fill_(0.5)
@@ -168,8 +200,10 @@ def test_hidden_kd_hand_case() -> None:
     ht = torch.tensor([[[3.0], [1.0], [0.0]]])
     # projected: 3.5, 4.5 -> squared errors 0.25, 12.25 -> mean 6.25
     assert _f(loss([hs], [ht], torch.tensor([2]))) == pytest.approx(6.25)
+    loss.reduction = "utterance"  # one utterance: the sum over its frames
+    assert _f(loss([hs], [ht], torch.tensor([2]))) == pytest.approx(12.5)
 
-    cos = HiddenStateKD([2], [2], [(0, 0)], loss="cosine")
+    cos = HiddenStateKD([2], [2], [(0, 0)], loss="cosine", reduction="frame")
     with torch.no_grad():
         cos.projections[0].weight.copy_(torch.eye(2))
         cos.projections[0].bias.zero_()
@@ -409,8 +443,15 @@ def test_rnnt_occupancy_weighting_is_weighted_mean(tau: float) -> None:
     )
     gamma = rnnt_occupancy(td[..., 0], td[..., 1], t_len, u_len)
     expected = tau**2 * (gamma * kl).sum() / gamma.sum()
-    value = RNNTKD(temperature=tau, weighting="occupancy")(student, teacher, targets, t_len, u_len)
-    assert _f(value) == pytest.approx(_f(expected), rel=1e-10)
+    loss = RNNTKD(temperature=tau, weighting="occupancy", reduction="frame")
+    assert _f(loss(student, teacher, targets, t_len, u_len)) == pytest.approx(_f(expected),
+                                                                             rel=1e-10)
+    # Occupancy sums to T_b + U_b per utterance, so the utterance reduction is the expected KL
+    # along the teacher's alignments, summed over nodes: sum(gamma * kl) / B.
+    expected = tau**2 * (gamma * kl).sum() / len(t_len)
+    loss = RNNTKD(temperature=tau, weighting="occupancy")
+    assert _f(loss(student, teacher, targets, t_len, u_len)) == pytest.approx(_f(expected),
+                                                                             rel=1e-10)
 
 
 def test_rnnt_shape_errors() -> None:

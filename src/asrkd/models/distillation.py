@@ -18,6 +18,7 @@ from asrkd.models.e2e_asr import E2EASR, ASROutput
 from asrkd.models.transformer_decoder import make_decoder_io
 from asrkd.training.kd_losses import (
     KD_LOSSES,
+    REDUCTIONS,
     RNNTKD,
     CTCFrameKD,
     HiddenStateKD,
@@ -44,6 +45,10 @@ class KDConfig:
         layer_map: (student layer, teacher layer) pairs for ``hidden``; None maps uniformly.
         hidden_loss: ``mse`` or ``cosine``.
         rnnt_chunk_size: frames per chunk in ``rnnt_kl`` (memory).
+        reduction: ``utterance`` (default): each KD loss is summed over an utterance's frames
+            or tokens and averaged over utterances, the scale of the CTC / attention / RNN-T
+            losses, so ``alpha`` weighs like against like; ``frame``: averaged over positions
+            (about 1/70 of that scale for 3 s utterances at 25 frames/s).
     """
 
     alpha: float = 0.5
@@ -54,8 +59,13 @@ class KDConfig:
     layer_map: tuple[tuple[int, int], ...] | None = None
     hidden_loss: str = "mse"
     rnnt_chunk_size: int = 16
+    reduction: str = "utterance"
 
     def __post_init__(self) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(
+                f"kd.reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}"
+            )
         unknown = [name for name in self.losses if name not in KD_LOSSES]
         if unknown:
             raise ValueError(
@@ -102,11 +112,15 @@ class KDLoss(nn.Module):
         self.losses = nn.ModuleDict()
         t = config.temperature
         if "ctc_kl" in config.losses:
-            self.losses["ctc_kl"] = CTCFrameKD(temperature=t, blank_weight=config.blank_weight)
+            self.losses["ctc_kl"] = CTCFrameKD(
+                temperature=t, blank_weight=config.blank_weight, reduction=config.reduction
+            )
         if "token_kl" in config.losses:
-            self.losses["token_kl"] = TokenKD(temperature=t)
+            self.losses["token_kl"] = TokenKD(temperature=t, reduction=config.reduction)
         if "rnnt_kl" in config.losses:
-            self.losses["rnnt_kl"] = RNNTKD(temperature=t, chunk_size=config.rnnt_chunk_size)
+            self.losses["rnnt_kl"] = RNNTKD(
+                temperature=t, chunk_size=config.rnnt_chunk_size, reduction=config.reduction
+            )
         if "hidden" in config.losses:
             n_student = student.encoder.config.n_layers
             n_teacher = teacher.encoder.config.n_layers
@@ -116,6 +130,7 @@ class KDLoss(nn.Module):
                 [teacher.encoder.output_dim] * n_teacher,
                 [tuple(pair) for pair in layer_map],
                 loss=config.hidden_loss,
+                reduction=config.reduction,
             )
 
     @property
@@ -221,7 +236,9 @@ class KDWrapper(nn.Module):
             teacher_cache.check_compatible(student)
             wrapper = cls(teacher, student, asr_loss_fn, None, distil_final_output,
                           config.alpha, teacher_cache)
-            wrapper.cached_ctc_kd = CachedCTCFrameKD(config.temperature, config.blank_weight)
+            wrapper.cached_ctc_kd = CachedCTCFrameKD(
+                config.temperature, config.blank_weight, config.reduction
+            )
             wrapper.cached_weight = (config.weights or (1.0,))[0]
             return wrapper
         kd_loss = KDLoss(config, teacher, student)

@@ -111,6 +111,32 @@ def _weighted_mean(values: torch.Tensor, weights: torch.Tensor | None) -> torch.
     return numerator / safe
 
 
+REDUCTIONS = ("utterance", "frame")
+
+
+def _check_reduction(reduction: str) -> str:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    return reduction
+
+
+def _reduce(
+    values: torch.Tensor, weights: torch.Tensor | None, batch_size: int, reduction: str
+) -> torch.Tensor:
+    """Reduce per-position losses (N,) of a batch of ``batch_size`` utterances.
+
+    ``"utterance"``: the (weighted) sum over each utterance's positions, averaged over the
+    utterances -- the scale of the CTC, attention and RNN-T losses, which are per-utterance
+    negative log-likelihoods, so ``alpha`` weighs like against like. ``"frame"``: the weighted
+    mean over all positions of the batch (independent of utterance length, and about a
+    hundredth of the ASR loss for 3 s utterances at 25 frames/s).
+    """
+    if reduction == "frame":
+        return _weighted_mean(values, weights)
+    total = values.sum() if weights is None else (values * weights).sum()
+    return total / max(int(batch_size), 1)
+
+
 def _check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -194,13 +220,15 @@ class CTCFrameKD(nn.Module):
         * ``blank_weight`` on frames whose teacher argmax is blank (CTC posteriors are mostly
           blank spikes; < 1 shifts the loss towards frames that carry tokens);
         * 0 on frames whose teacher blank probability exceeds ``blank_threshold`` (if set).
-    The result is the *weighted mean* over valid frames of the whole batch; if every frame has
-    weight 0 the loss is 0.
+    ``reduction="utterance"`` (default) sums the weighted KL over each utterance's frames and
+    averages over utterances, the scale of the CTC loss; ``"frame"`` takes the weighted mean
+    over the valid frames of the batch. If every frame has weight 0 the loss is 0.
 
     Args:
         temperature: softmax temperature tau > 0.
         blank_weight: weight of frames where the teacher's argmax is blank (1.0 = no change).
         blank_threshold: drop frames whose teacher blank probability is above this (None = keep).
+        reduction: ``"utterance"`` or ``"frame"`` (see above).
     """
 
     def __init__(
@@ -208,9 +236,11 @@ class CTCFrameKD(nn.Module):
         temperature: float = 2.0,
         blank_weight: float = 1.0,
         blank_threshold: float | None = None,
+        reduction: str = "utterance",
     ) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
+        self.reduction = _check_reduction(reduction)
         if blank_weight < 0:
             raise ValueError(f"blank_weight must be >= 0, got {blank_weight}")
         self.blank_weight = float(blank_weight)
@@ -254,7 +284,8 @@ class CTCFrameKD(nn.Module):
         student = student_logits[valid]  # (N, V)
         teacher = teacher_logits[valid]  # (N, V)
         kl = softened_kl(student, teacher, self.temperature)  # (N,)
-        return self.temperature**2 * _weighted_mean(kl, self.frame_weights(teacher))
+        weights = self.frame_weights(teacher)
+        return self.temperature**2 * _reduce(kl, weights, len(lengths), self.reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -267,16 +298,19 @@ class TokenKD(nn.Module):
 
     Both decoders are fed the same prefix ``<bos> y_1 .. y_U``; at each of the ``U_b + 1``
     valid positions (the last one predicts ``<eos>``) the loss is
-    tau^2 * KL(softmax(t / tau) || softmax(s / tau)) summed over V, averaged over all valid
-    positions of the batch.
+    tau^2 * KL(softmax(t / tau) || softmax(s / tau)) summed over V; summed over each
+    utterance's positions and averaged over utterances (``reduction="utterance"``, the scale of
+    the attention loss) or averaged over all valid positions of the batch (``"frame"``).
 
     Args:
         temperature: softmax temperature tau > 0.
+        reduction: ``"utterance"`` or ``"frame"``.
     """
 
-    def __init__(self, temperature: float = 1.0) -> None:
+    def __init__(self, temperature: float = 1.0, reduction: str = "utterance") -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
+        self.reduction = _check_reduction(reduction)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, lengths: torch.Tensor
@@ -296,7 +330,7 @@ class TokenKD(nn.Module):
         teacher_logits = teacher_logits.detach()
         valid = ~make_pad_mask(lengths.to(student_logits.device), student_logits.shape[1])
         kl = softened_kl(student_logits[valid], teacher_logits[valid], self.temperature)
-        return self.temperature**2 * _weighted_mean(kl, None)
+        return self.temperature**2 * _reduce(kl, None, len(lengths), self.reduction)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,6 +489,11 @@ class RNNTKD(nn.Module):
           alpha * beta / P(y|x) (see :func:`rnnt_occupancy`), computed at temperature 1;
           concentrates the loss on nodes the teacher's alignments actually visit.
 
+    Reduction: ``"utterance"`` (default) takes each utterance's weighted mean over its nodes
+    times ``T_b + U_b`` (the number of nodes an alignment visits, so the loss is on the scale
+    of the RNN-T negative log-likelihood), averaged over utterances; ``"frame"`` takes the
+    weighted mean over all valid nodes of the batch.
+
     Memory: the log-softmax temporaries are formed for ``chunk_size`` frames at a time, and
     (when gradients are on and ``checkpoint_chunks``) each student chunk is recomputed in the
     backward pass instead of being stored, so the per-chunk (B, Tc, U+1, V) temporaries are
@@ -466,6 +505,7 @@ class RNNTKD(nn.Module):
         chunk_size: frames per chunk.
         weighting: ``"uniform"`` or ``"occupancy"``.
         checkpoint_chunks: recompute student chunks in backward (saves memory, costs compute).
+        reduction: ``"utterance"`` or ``"frame"`` (see above).
     """
 
     def __init__(
@@ -474,9 +514,11 @@ class RNNTKD(nn.Module):
         chunk_size: int = 16,
         weighting: str = "uniform",
         checkpoint_chunks: bool = True,
+        reduction: str = "utterance",
     ) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
+        self.reduction = _check_reduction(reduction)
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         if weighting not in ("uniform", "occupancy"):
@@ -600,8 +642,15 @@ class RNNTKD(nn.Module):
             ).to(kl.dtype)
         else:
             weights = torch.ones_like(kl)
-        # Select valid nodes before multiplying: padded nodes may hold inf/nan.
-        return tau**2 * _weighted_mean(kl[valid], weights[valid])
+        if self.reduction == "frame":
+            # Select valid nodes before multiplying: padded nodes may hold inf/nan.
+            return tau**2 * _weighted_mean(kl[valid], weights[valid])
+        # Zero padded nodes with where() (not a product: they may hold inf/nan).
+        weighted = torch.where(valid, kl * weights, torch.zeros_like(kl)).sum((1, 2))
+        mass = torch.where(valid, weights, torch.zeros_like(weights)).sum((1, 2))
+        per_utterance = weighted / torch.where(mass > 0, mass, torch.ones_like(mass))
+        path_nodes = (t_len + target_lengths.to(device)).to(kl.dtype)
+        return tau**2 * (per_utterance * path_nodes).mean()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -630,8 +679,10 @@ class HiddenStateKD(nn.Module):
     For each mapped pair (student layer i -> teacher layer j) a learned ``nn.Linear(Ds_i, Dt_j)``
     projects the student state to the teacher's width. The per-frame loss is either the mean
     squared error over the feature dimension (``"mse"``) or ``1 - cosine similarity``
-    (``"cosine"``); it is averaged over the valid frames of the batch and then over the pairs.
-    The projections are parameters of this module: put them in the optimizer.
+    (``"cosine"``); it is summed over each utterance's frames and averaged over utterances
+    (``reduction="utterance"``) or averaged over the valid frames of the batch (``"frame"``),
+    then averaged over the pairs. The projections are parameters of this module: put them in
+    the optimizer.
 
     Args:
         student_dims: width of each student layer (list index = layer index).
@@ -639,6 +690,7 @@ class HiddenStateKD(nn.Module):
         layer_map: pairs ``(student_layer, teacher_layer)`` or a dict ``{student: teacher}``;
             None uses :func:`default_layer_map`.
         loss: ``"mse"`` or ``"cosine"``.
+        reduction: ``"utterance"`` or ``"frame"``.
     """
 
     def __init__(
@@ -647,8 +699,10 @@ class HiddenStateKD(nn.Module):
         teacher_dims: Sequence[int],
         layer_map: Sequence[tuple[int, int]] | Mapping[int, int] | None = None,
         loss: str = "mse",
+        reduction: str = "utterance",
     ) -> None:
         super().__init__()
+        self.reduction = _check_reduction(reduction)
         if loss not in ("mse", "cosine"):
             raise ValueError(f"loss must be 'mse' or 'cosine', got {loss!r}")
         self.student_dims = [int(d) for d in student_dims]
@@ -727,7 +781,7 @@ class HiddenStateKD(nn.Module):
                 per_frame = (pred - target).pow(2).mean(-1)
             else:
                 per_frame = 1.0 - torch.cosine_similarity(pred, target, dim=-1, eps=1e-8)
-            losses.append(_weighted_mean(per_frame, None))
+            losses.append(_reduce(per_frame, None, len(lengths), self.reduction))
         return torch.stack(losses).mean()
 
 
@@ -856,6 +910,7 @@ def build_kd_loss(name: str, **kwargs: object) -> nn.Module:
 
 __all__ = [
     "BLANK_ID",
+    "REDUCTIONS",
     "KD_LOSSES",
     "CTCFrameKD",
     "HiddenStateKD",

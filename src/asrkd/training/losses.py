@@ -49,12 +49,24 @@ class ASRLossConfig:
 
     ``ctc_weight`` is the CTC share when the model also has a decoder; a CTC-only model uses
     CTC alone and a decoder-only model its decoder loss alone.
+
+    CTC and RNN-T losses are per-utterance negative log-likelihoods averaged over the batch.
+    ``attention_reduction="utterance"`` puts the attention cross-entropy on the same scale
+    (summed over an utterance's tokens, as ESPnet does), so ``ctc_weight`` weighs like against
+    like; ``"token"`` averages it over tokens, which makes it ~30x smaller than the CTC loss
+    for 30-character utterances, and the decoder then barely trains.
     """
 
     ctc_weight: float = 0.3
     label_smoothing: float = 0.1
+    attention_reduction: str = "utterance"
 
     def __post_init__(self) -> None:
+        if self.attention_reduction not in ("utterance", "token"):
+            raise ValueError(
+                "attention_reduction must be 'utterance' or 'token', got "
+                f"{self.attention_reduction!r}"
+            )
         if not 0.0 <= self.ctc_weight <= 1.0:
             raise ValueError(f"ctc_weight must be within [0, 1], got {self.ctc_weight}")
 
@@ -85,6 +97,7 @@ class ASRLoss(nn.Module):
                 decoder_out,
                 decoder_lengths,
                 self.config.label_smoothing,
+                reduction=self.config.attention_reduction,
             )
             parts["attention"] = decoder_loss
         elif output.decoder_type == "rnnt" and output.decoder_logits is not None:

@@ -46,9 +46,10 @@ from asrkd.models.common import make_pad_mask
 from asrkd.models.e2e_asr import E2EASR, load_checkpoint, pad_waveforms
 from asrkd.training.kd_losses import (
     BLANK_ID,
+    _check_reduction,
     _check_temperature,
+    _reduce,
     _upcast,
-    _weighted_mean,
     check_kd_compatibility,
     kl_from_log_probs,
 )
@@ -272,10 +273,11 @@ class CachedCTCFrameKD(nn.Module):
     Teacher distribution per frame: ``p = softmax(values / tau)`` over its k kept tokens
     (renormalised over the kept support); student: ``q = log_softmax(student_logits / tau)``
     over the full vocabulary, read at the kept tokens. Per frame
-    ``KL = sum_{j in top-k} p_j (log p_j - log q_j)``; the loss is
-    ``tau^2 * sum_f w_f KL_f / sum_f w_f`` over the valid frames of the batch, with ``w_f =
-    blank_weight`` where the teacher's argmax is blank and 1 elsewhere. With k = V this is
-    exactly ``CTCFrameKD(tau, blank_weight)(student_logits, teacher_logits, lengths)``:
+    ``KL = sum_{j in top-k} p_j (log p_j - log q_j)``; the loss is ``tau^2 * sum_f w_f KL_f``
+    over the valid frames, divided by the number of utterances (``reduction="utterance"``) or
+    by ``sum_f w_f`` (``"frame"``), with ``w_f = blank_weight`` where the teacher's argmax is
+    blank and 1 elsewhere. With k = V this is exactly
+    ``CTCFrameKD(tau, blank_weight, reduction=...)(student_logits, teacher_logits, lengths)``:
     dividing temperature-1 log-probs by tau and renormalising equals ``softmax(logits / tau)``.
     With k < V the student is still normalised over all V, so the loss also pushes its mass
     out of tokens the teacher considered negligible.
@@ -283,11 +285,15 @@ class CachedCTCFrameKD(nn.Module):
     Args:
         temperature: softmax temperature tau > 0.
         blank_weight: weight of frames whose teacher argmax is blank (1.0 = no change).
+        reduction: ``"utterance"`` or ``"frame"``.
     """
 
-    def __init__(self, temperature: float = 2.0, blank_weight: float = 1.0) -> None:
+    def __init__(
+        self, temperature: float = 2.0, blank_weight: float = 1.0, reduction: str = "utterance"
+    ) -> None:
         super().__init__()
         self.temperature = _check_temperature(temperature)
+        self.reduction = _check_reduction(reduction)
         if blank_weight < 0:
             raise ValueError(f"blank_weight must be >= 0, got {blank_weight}")
         self.blank_weight = float(blank_weight)
@@ -354,7 +360,7 @@ class CachedCTCFrameKD(nn.Module):
                 torch.full_like(kl, self.blank_weight),
                 torch.ones_like(kl),
             )
-        return tau**2 * _weighted_mean(kl, weights)
+        return tau**2 * _reduce(kl, weights, len(lengths), self.reduction)
 
 
 # ---------------------------------------------------------------------------------------------
