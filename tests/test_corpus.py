@@ -12,6 +12,7 @@ import soundfile as sf
 
 from asrkd.data.corpus import (
     build_corpus,
+    generate_digits,
     generate_sentences,
     normalize_text,
     number_to_words,
@@ -115,6 +116,28 @@ def test_sentences_unique_deterministic_and_normalised() -> None:
     assert a != generate_sentences(300, seed=6)
     assert len(set(a)) == 300
     assert all(ALLOWED.match(t) and 2 <= len(t.split()) <= 20 for t in a)
+
+
+def test_digit_corpus_is_band_limited_spoken_digits(tmp_path: Path) -> None:
+    """kind="digits" (the FSDD recipe's synthetic speakers): single digit words, each digit
+    equally often, files from 0.3 s, and with bandwidth_hz nothing above the band."""
+    assert sorted(generate_digits(20, seed=0)) == sorted(
+        "zero one two three four five six seven eight nine".split() * 2
+    )
+    stats = build_corpus(tmp_path, seed=2, n_train=10, n_val=0, n_test=0, kind="digits",
+                         bandwidth_hz=4000.0, workers=1, progress=False)
+    assert stats["config"]["kind"] == "digits" and stats["config"]["bandwidth_hz"] == 4000.0
+    rows = _manifest(tmp_path, "train")
+    assert len({r["speaker"] for r in rows}) == 10
+    for row in rows:
+        assert row["text"] in generate_digits(10, seed=0)
+        audio, sr = sf.read(tmp_path / row["audio_filepath"], dtype="float64")
+        assert 0.3 <= row["duration"] <= 8.0
+        power = np.abs(np.fft.rfft(audio)) ** 2
+        freqs = np.fft.rfftfreq(len(audio), 1 / sr)
+        assert power[freqs > 4100].sum() < 1e-4 * power.sum()
+    with pytest.raises(ValueError, match="kind"):
+        build_corpus(tmp_path / "x", n_train=1, n_val=0, n_test=0, kind="poems", progress=False)
 
 
 def test_text_normalisation() -> None:

@@ -43,7 +43,9 @@ from asrkd.data.tts import RATE_MAX, EspeakSynthesizer
 __all__ = [
     "CORPUS_VERSION",
     "SPLITS",
+    "KINDS",
     "build_corpus",
+    "generate_digits",
     "generate_sentences",
     "normalize_text",
     "number_to_words",
@@ -513,6 +515,17 @@ def _join(*parts: str) -> str:
     return " ".join(p for p in parts if p)
 
 
+def generate_digits(n: int, seed: int) -> list[str]:
+    """``n`` single digit words ("zero" .. "nine"), each digit equally often, shuffled.
+
+    The text of a spoken-digit corpus (as the Free Spoken Digit Dataset): a synthetic one with
+    hundreds of voices adds the speaker variety that a few real speakers lack.
+    """
+    rng = np.random.default_rng([seed, 0xD1617])
+    digits = np.resize(np.array(_ONES[:10]), n)
+    return [str(d) for d in rng.permutation(digits)]
+
+
 def generate_sentences(n: int, seed: int) -> list[str]:
     """``n`` distinct normalised sentences, deterministic given ``seed``."""
     gen = SentenceGenerator(np.random.default_rng([seed, 0x7E47]))
@@ -524,6 +537,10 @@ def generate_sentences(n: int, seed: int) -> list[str]:
         if attempts > 20 * n + 1000:  # the grammar has far more sentences than any sane n
             raise RuntimeError(f"could not generate {n} distinct sentences")
     return list(seen)
+
+
+# Text generator and shortest file of each corpus kind.
+KINDS = {"sentences": (generate_sentences, MIN_DURATION), "digits": (generate_digits, 0.3)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -587,6 +604,8 @@ class _Job:
     text: str
     speaker: Speaker
     seed: int
+    min_duration: float = MIN_DURATION
+    bandwidth_hz: float | None = None
 
 
 def _trim_silence(audio: np.ndarray, sample_rate: int) -> np.ndarray:
@@ -615,7 +634,7 @@ def _coloured_noise(
 
 
 def _render(job: _Job, sample_rate: int, tts: EspeakSynthesizer) -> np.ndarray:
-    """Synthesize and augment one utterance; returns float32 audio of 1..8 s at sample_rate."""
+    """Synthesize and augment one utterance: float32 audio of job.min_duration..8 s."""
     rng = np.random.default_rng([job.seed, _SPLIT_CODE[job.split], job.index])
     # Draw every random quantity up front, in a fixed order, so retries cannot shift the stream.
     rate = job.speaker.rate * rng.uniform(0.9, 1.1)
@@ -623,7 +642,7 @@ def _render(job: _Job, sample_rate: int, tts: EspeakSynthesizer) -> np.ndarray:
     pitch_range = job.speaker.pitch_range + rng.uniform(-10, 10)
     speed = rng.uniform(0.9, 1.1) if rng.random() < 0.3 else 1.0
     lead, trail = rng.uniform(0.05, 0.35, size=2)
-    min_total = rng.uniform(MIN_DURATION + 0.02, 1.3)
+    min_total = rng.uniform(job.min_duration + 0.02, 1.3)
     level_db = rng.uniform(-30, -16)  # speech RMS in dBFS
     snr_db = rng.uniform(15, 40)
     noise_exponent = rng.uniform(0, 2)
@@ -668,6 +687,12 @@ def _render(job: _Job, sample_rate: int, tts: EspeakSynthesizer) -> np.ndarray:
     audio += noise_rms * _coloured_noise(
         np.random.default_rng(noise_seed), len(audio), noise_exponent, sample_rate
     )
+    if job.bandwidth_hz is not None:
+        # As if recorded at 2 x bandwidth (8 kHz telephone-band audio for 4 kHz) and played
+        # back at the corpus rate: nothing above the band, like the real recordings it joins.
+        narrow = soxr.resample(audio, sample_rate, 2 * job.bandwidth_hz, quality="HQ")
+        wide = soxr.resample(narrow, 2 * job.bandwidth_hz, sample_rate, quality="HQ")
+        audio = np.pad(wide, (0, max(0, len(audio) - len(wide))))[: len(audio)]
     peak = np.abs(audio).max()
     if peak > 0.98:  # loud draws: scale everything down, which keeps the SNR
         audio *= 0.98 / peak
@@ -721,8 +746,10 @@ def _pool_context() -> mp.context.BaseContext:
 # --------------------------------------------------------------------------------------------
 
 
-def _config(seed: int, sizes: dict[str, int], sample_rate: int) -> dict[str, Any]:
-    return {
+def _config(
+    seed: int, sizes: dict[str, int], sample_rate: int, kind: str, bandwidth_hz: float | None
+) -> dict[str, Any]:
+    config = {
         "version": CORPUS_VERSION,
         "seed": seed,
         "n_train": sizes["train"],
@@ -730,6 +757,12 @@ def _config(seed: int, sizes: dict[str, int], sample_rate: int) -> dict[str, Any
         "n_test": sizes["test"],
         "sample_rate": sample_rate,
     }
+    # Only when set, so that default corpora built before these options existed are reused.
+    if kind != "sentences":
+        config["kind"] = kind
+    if bandwidth_hz is not None:
+        config["bandwidth_hz"] = bandwidth_hz
+    return config
 
 
 def _existing_stats(out: Path, config: dict[str, Any]) -> dict[str, Any] | None:
@@ -778,6 +811,8 @@ def build_corpus(
     workers: int = 2,
     progress: bool = True,
     force: bool = False,
+    kind: str = "sentences",
+    bandwidth_hz: float | None = None,
 ) -> dict[str, Any]:
     """Build (or reuse) the synthetic default corpus in ``out_dir`` and return its stats.
 
@@ -791,6 +826,10 @@ def build_corpus(
         workers: worker processes for rendering (at least one; the output does not depend on it).
         progress: show a rich progress bar and a summary.
         force: rebuild even if a finished corpus with the same config exists.
+        kind: ``"sentences"`` (the default corpus: distinct sentences of 1-8 s) or
+            ``"digits"`` (single digit words, files from 0.3 s; see :data:`KINDS`).
+        bandwidth_hz: band-limit the audio (noise included) to this many Hz, e.g. 4000 to
+            match 8 kHz recordings; ``None`` keeps the full band.
 
     Returns:
         The content of ``stats.json``: ``config``, per-split ``splits[name]`` (utterances, hours,
@@ -801,7 +840,11 @@ def build_corpus(
     if min(sizes.values()) < 0 or sum(sizes.values()) == 0:
         raise ValueError(f"bad split sizes {sizes}")
     out = Path(out_dir)
-    config = _config(seed, sizes, sample_rate)
+    if kind not in KINDS:
+        raise ValueError(f"unknown corpus kind {kind!r}; choose from {sorted(KINDS)}")
+    if bandwidth_hz is not None and not 0 < bandwidth_hz < sample_rate / 2:
+        raise ValueError(f"bandwidth_hz must be in (0, {sample_rate / 2}), got {bandwidth_hz}")
+    config = _config(seed, sizes, sample_rate, kind, bandwidth_hz)
     if not force:
         stats = _existing_stats(out, config)
         if stats is not None:
@@ -818,7 +861,8 @@ def build_corpus(
     for split in SPLITS:
         (out / "wav" / split).mkdir(parents=True)
 
-    texts = generate_sentences(sum(sizes.values()), seed)
+    make_texts, min_duration = KINDS[kind]
+    texts = make_texts(sum(sizes.values()), seed)
     speaker_names = EspeakSynthesizer().list_voices()
     split_speakers = _split_speakers(speaker_names, sizes, seed)
 
@@ -839,6 +883,8 @@ def build_corpus(
                     text,
                     _make_speaker(names[i % len(names)], seed),
                     seed,
+                    min_duration,
+                    bandwidth_hz,
                 )
             )
 
