@@ -152,7 +152,8 @@ def _report(report_dir: Path, metrics: dict, corpus_stats: dict, plots: list[str
         f"Corpus: {corpus_stats.get('summary', '')}. Test split: "
         f"{teacher['utterances']} utterances held out from training.",
         "Decoding: CTC greedy for all three models; RTFx = audio seconds / compute seconds, "
-        "2 threads, batched, on the machine that ran the demo.",
+        "2 threads, batched (up to 240 s of audio per batch), after a warm-up pass, fastest of "
+        "3 timed runs per batch, on the machine that ran the demo.",
         "",
         "| model | params | checkpoint MB | WER % | CER % | RTFx | train s |",
         "|---|---:|---:|---:|---:|---:|---:|",

@@ -253,26 +253,31 @@ def evaluate(
     batch_seconds: float = 240.0,
     threads: int | None = 2,
     strict: bool = True,
+    timing_repeats: int = 3,
 ) -> dict:
     """WER/CER/S/D/I and RTFx of a checkpoint on a manifest; per-utterance JSONL optional.
 
     RTFx = seconds of audio / seconds of compute (feature extraction + model + decoding,
-    excluding file reading), measured with ``threads`` intra-op threads.
+    excluding file reading), measured with ``threads`` intra-op threads after the pass that
+    produces the transcripts: each batch is timed ``timing_repeats`` more times and its
+    fastest run counts (audio is read again, untimed). The first pass pays one-time costs
+    (kernel selection, allocator growth), and on a shared machine a single run of a batch
+    can be slowed by other processes; on the demo's 800 s test split a student's whole pass
+    takes under 2 s, and two single-pass measurements of the same architecture differed by
+    19 %. The minimum is what :mod:`timeit` recommends for the same reason.
     """
     model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
     model.eval()
     dataset = ManifestDataset(manifest, strict=strict)
     normalizer = model.tokenizer.normalizer
+    sample_rate = model.features.config.sample_rate
     rows, compute, audio_seconds = [], 0.0, 0.0
     with torch_threads(threads):
-        for batch in duration_batches(dataset.entries, batch_seconds):
+        batches = list(duration_batches(dataset.entries, batch_seconds))
+        for batch in batches:
             items = [dataset[i] for i in batch]
             audio, lengths = pad_waveforms([item["audio"] for item in items])
-            start = time.perf_counter()
             hypotheses = model.infer(audio, lengths, method=method)
-            elapsed = time.perf_counter() - start
-            compute += elapsed
-            sample_rate = model.features.config.sample_rate
             audio_seconds += float(lengths.sum()) / sample_rate
             for item, hypothesis, length in zip(items, hypotheses, lengths):
                 entry = dataset.entries[item["index"]]
@@ -287,6 +292,15 @@ def evaluate(
                         "cer": round(char_errors(reference, hypothesis.text).rate, 4),
                     }
                 )
+        for batch in batches:
+            items = [dataset[i] for i in batch]
+            audio, lengths = pad_waveforms([item["audio"] for item in items])
+            runs = []
+            for _ in range(max(1, timing_repeats)):
+                start = time.perf_counter()
+                model.infer(audio, lengths, method=method)
+                runs.append(time.perf_counter() - start)
+            compute += min(runs)
     metrics = corpus_error_rates([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
     metrics.update(
         {
@@ -296,6 +310,7 @@ def evaluate(
             "rtfx": round(audio_seconds / max(compute, 1e-9), 1),
             "method": method or model.default_method(),
             "threads": threads,
+            "timing": f"fastest of {max(1, timing_repeats)} timed runs per batch",
         }
     )
     if out_jsonl is not None:
