@@ -5,10 +5,11 @@ validates, one tests, so the test figures are on a voice no model has heard. Man
 at the shared audio (nothing is copied). Writes reports/fsdd/report.md and metrics.json in the
 same schema as the demo.
 
-Three real speakers are too few to generalise to a fourth. Training therefore adds spoken
-digits synthesised offline with espeak-ng's 354 voice variants (``--synthetic N``
-utterances, band-limited to 4 kHz like the 8 kHz recordings; 0 turns this off) and speed
-perturbation. Validation and test stay real speech only.
+``--synthetic N`` adds N spoken digits synthesised offline with espeak-ng's 354 voice variants
+(band-limited to 4 kHz like the 8 kHz recordings) to training only; validation and test stay
+real speech. It is off by default: in 150-200-step teacher runs (with and without a 0-4 kHz
+mel range, speed perturbation, SpecAugment, characters or subwords) it did not get the
+teacher off the CTC plateau described in the README, so it is not shown to help yet.
 
 Usage: python recipes/fsdd/run.py [--quick] [--shared ../shared/data/fsdd] [--synthetic N]
 """
@@ -29,25 +30,18 @@ SPLITS = {
     "val": ("lucas",),
     "test": ("yweweler",),
 }
-# Digit words are 3-5 letters but some recordings are 0.14 s: at 8x subsampling that is two
-# encoder frames, too few for character CTC. One subword per digit word keeps every target
-# at one token.
+# Digit words are 3-5 letters but some recordings are 0.14 s (4 encoder frames at 4x
+# subsampling). One subword per digit word keeps every target at one token.
 OVERRIDES = [
     "model.tokenizer.kind=bpe",
     "model.tokenizer.vocab_size=64",
     "model.spec_augment.time_masks=2",
     "data.min_duration=0.05",
-    # 8 kHz recordings have nothing above 4 kHz: mel bands up there would hold only resampling
-    # residue, which per-feature normalisation blows up to unit-variance noise. All 80 bands
-    # go to 0-4 kHz instead (what telephone-band models do).
-    "model.features.f_max=4000",
-    "data.speed_factors=[0.9,1.0,1.1]",
     # KD weight chosen on this recipe's validation speaker (lucas), not the demo's: with the
     # same teacher and 400 steps, alpha 0.5 reached val WER 70.0 %, alpha 0.8 (the demo's
     # choice) 72.8 %.
     "training.kd.alpha=0.5",
 ]
-SYNTHETIC = 2000
 FULL = DemoPlan(teacher_steps=600, student_steps=400, max_batch_seconds=40.0,
                 val_every_steps=100, warmup_steps=50)
 QUICK = DemoPlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
@@ -105,15 +99,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="tiny run (CI)")
     parser.add_argument("--out", type=Path, default=ROOT / "reports" / "fsdd")
     parser.add_argument("--exp", type=Path, default=ROOT / "exp" / "fsdd")
-    parser.add_argument("--synthetic", type=int, default=None,
-                        help=f"synthetic spoken digits added to training (default {SYNTHETIC}, "
-                             "--quick 20; 0: real speech only)")
+    parser.add_argument("--synthetic", type=int, default=0,
+                        help="synthetic spoken digits added to training (default 0: real "
+                             "speech only)")
     args = parser.parse_args()
     if not (args.shared / "manifest.jsonl").is_file():
         raise SystemExit(f"FSDD not found at {args.shared} (pass --shared PATH)")
     corpus = args.exp / "manifests"
-    synthetic = args.synthetic if args.synthetic is not None else (20 if args.quick else SYNTHETIC)
-    stats = prepare(args.shared, corpus, limit=12 if args.quick else None, synthetic=synthetic)
+    stats = prepare(args.shared, corpus, limit=12 if args.quick else None,
+                    synthetic=args.synthetic)
     run_demo(
         report_dir=args.out,
         corpus_dir=corpus,
