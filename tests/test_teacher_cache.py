@@ -115,7 +115,7 @@ def test_cached_kd_equals_online_kd_when_k_is_vocab(tmp_path, small_manifest, te
             student_out.encoder_lengths,
             teacher_lengths=cached_lengths,
         )
-        torch.testing.assert_close(cached, online, atol=1e-5, rtol=0)
+        torch.testing.assert_close(cached, online, atol=1e-5, rtol=1e-6)  # float32 frame sums
     cached.backward()  # gradients reach the student
     assert next(student.ctc.parameters()).grad is not None
     student.zero_grad()
@@ -157,7 +157,7 @@ def test_temperature_of_the_stored_values_does_not_matter(
             keys, logits.shape[1], student.vocab_size
         )
         results.append(loss(logits, values, indices, cached))
-    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(results[0], results[1], atol=1e-5, rtol=1e-6)
 
 
 def test_missing_utterance_and_stale_cache_errors(
