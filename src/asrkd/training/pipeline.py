@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
-import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -34,6 +34,7 @@ from asrkd.training.trainer import build_trainer
 from asrkd.utils.io import atomic_write_text
 from asrkd.utils.metrics import char_errors, corpus_error_rates, word_errors
 from asrkd.utils.threads import torch_threads
+from asrkd.utils.timing import best_time
 
 ROOT = Path(__file__).resolve().parents[3]
 CONFIG_DIR = ROOT / "configs"
@@ -258,13 +259,13 @@ def evaluate(
     """WER/CER/S/D/I and RTFx of a checkpoint on a manifest; per-utterance JSONL optional.
 
     RTFx = seconds of audio / seconds of compute (feature extraction + model + decoding,
-    excluding file reading), measured with ``threads`` intra-op threads after the pass that
-    produces the transcripts: each batch is timed ``timing_repeats`` more times and its
-    fastest run counts (audio is read again, untimed). The first pass pays one-time costs
-    (kernel selection, allocator growth), and on a shared machine a single run of a batch
-    can be slowed by other processes; on the demo's 800 s test split a student's whole pass
-    takes under 2 s, and two single-pass measurements of the same architecture differed by
-    19 %. The minimum is what :mod:`timeit` recommends for the same reason.
+    excluding file reading), measured with ``threads`` intra-op threads after the run that
+    produces the transcripts: each batch is then timed ``timing_repeats`` more times and its
+    fastest run counts. The first run pays one-time costs (kernel selection, allocator
+    growth), and on a shared machine a single run of a batch can be slowed by other
+    processes; on the demo's 800 s test split a student's whole pass takes under 2 s, and two
+    single-pass measurements of the same architecture differed by 19 %. The minimum is what
+    :mod:`timeit` recommends for the same reason.
     """
     model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
     model.eval()
@@ -273,11 +274,13 @@ def evaluate(
     sample_rate = model.features.config.sample_rate
     rows, compute, audio_seconds = [], 0.0, 0.0
     with torch_threads(threads):
-        batches = list(duration_batches(dataset.entries, batch_seconds))
-        for batch in batches:
+        for batch in duration_batches(dataset.entries, batch_seconds):
             items = [dataset[i] for i in batch]
             audio, lengths = pad_waveforms([item["audio"] for item in items])
             hypotheses = model.infer(audio, lengths, method=method)
+            compute += best_time(
+                partial(model.infer, audio, lengths, method=method), timing_repeats, warmup=0
+            )
             audio_seconds += float(lengths.sum()) / sample_rate
             for item, hypothesis, length in zip(items, hypotheses, lengths):
                 entry = dataset.entries[item["index"]]
@@ -292,15 +295,6 @@ def evaluate(
                         "cer": round(char_errors(reference, hypothesis.text).rate, 4),
                     }
                 )
-        for batch in batches:
-            items = [dataset[i] for i in batch]
-            audio, lengths = pad_waveforms([item["audio"] for item in items])
-            runs = []
-            for _ in range(max(1, timing_repeats)):
-                start = time.perf_counter()
-                model.infer(audio, lengths, method=method)
-                runs.append(time.perf_counter() - start)
-            compute += min(runs)
     metrics = corpus_error_rates([r["reference"] for r in rows], [r["hypothesis"] for r in rows])
     metrics.update(
         {
