@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import json
 
 import pytest
@@ -39,3 +40,23 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_corpus):
         assert heading in text
     assert "Missing: --no-nemo" in text and (tmp_path / "b.png").stat().st_size > 1000
     assert results["seconds"] < 600
+
+
+def test_best_time_runs_until_min_seconds_and_keeps_the_fastest() -> None:
+    from asrkd.utils.timing import best_time
+
+    durations = iter([0.03, 0.01, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02])
+    calls = []
+
+    def fn() -> None:
+        calls.append(1)
+        time.sleep(next(durations))
+
+    best = best_time(fn, repeats=2, warmup=0, min_seconds=0.08)
+    # Two runs (0.04 s) are not enough time; it goes on until >= 0.08 s have been timed.
+    assert 4 <= len(calls) <= 6
+    assert 0.009 <= best < 0.02
+    calls.clear()
+    durations = iter([0.001] * 10)
+    best_time(fn, repeats=3, warmup=0, min_seconds=10.0, max_repeats=5)
+    assert len(calls) == 5

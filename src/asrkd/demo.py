@@ -153,7 +153,7 @@ def _report(report_dir: Path, metrics: dict, corpus_stats: dict, plots: list[str
         f"{teacher['utterances']} utterances held out from training.",
         "Decoding: CTC greedy for all three models; RTFx = audio seconds / compute seconds, "
         "2 threads, batched (up to 240 s of audio per batch), after a warm-up pass, fastest of "
-        "3 timed runs per batch, on the machine that ran the demo.",
+        "at least 3 timed runs (and 2 s of them) per batch, on the machine that ran the demo.",
         "",
         "| model | params | checkpoint MB | WER % | CER % | RTFx | train s |",
         "|---|---:|---:|---:|---:|---:|---:|",

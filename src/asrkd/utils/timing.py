@@ -8,15 +8,25 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def best_time(fn: Callable[[], object], repeats: int, warmup: int = 1) -> float:
-    """Best wall time of ``fn()`` over ``repeats`` runs, after ``warmup`` untimed runs."""
+def best_time(
+    fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0,
+    max_repeats: int = 50,
+) -> float:
+    """Best wall time of ``fn()`` after ``warmup`` untimed runs.
+
+    Runs at least ``repeats`` times and keeps going until the timed runs add up to
+    ``min_seconds`` (at most ``max_repeats`` runs), as :mod:`timeit`'s autorange does: a call
+    of half a second timed three times let two runs of the same architecture differ by a third
+    on this 2-core VM, while the minimum over ~2 s of runs is stable.
+    """
     for _ in range(warmup):
         fn()
-    best = float("inf")
-    for _ in range(max(1, repeats)):
+    best, spent, runs = float("inf"), 0.0, 0
+    while runs < max(1, repeats) or (spent < min_seconds and runs < max_repeats):
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
     return best
 
 
