@@ -7,9 +7,8 @@ same schema as the demo.
 
 ``--synthetic N`` adds N spoken digits synthesised offline with espeak-ng's 354 voice variants
 (band-limited to 4 kHz like the 8 kHz recordings) to training only; validation and test stay
-real speech. It is off by default: in 150-200-step teacher runs (with and without a 0-4 kHz
-mel range, speed perturbation, SpecAugment, characters or subwords) it did not get the
-teacher off the CTC plateau described in the README, so it is not shown to help yet.
+real speech. It is off by default: with the recipe's settings, 2000 synthetic digits gave the
+teacher validation WER 59.8 % at 600 steps (still falling) against 56.8 % without them.
 
 Usage: python recipes/fsdd/run.py [--quick] [--shared ../shared/data/fsdd] [--synthetic N]
 """
