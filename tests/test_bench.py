@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import time
 import json
+import time
 
 import pytest
 import torch
@@ -11,6 +11,7 @@ import torch
 from asrkd.bench import run_bench
 from asrkd.data.tokenizer import CharTokenizer
 from asrkd.models.e2e_asr import build_model, save_checkpoint
+from asrkd.utils.timing import best_time
 from test_e2e import tiny_config
 
 
@@ -43,8 +44,6 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_corpus):
 
 
 def test_best_time_runs_until_min_seconds_and_keeps_the_fastest() -> None:
-    from asrkd.utils.timing import best_time
-
     durations = iter([0.03, 0.01, 0.02, 0.02, 0.02, 0.02, 0.02, 0.02])
     calls = []
 

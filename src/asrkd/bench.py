@@ -60,6 +60,7 @@ class BenchPlan:
     train_batch: int = 8
     train_seconds: float = 10.0
     repeats: int = 3
+    timing_seconds: float = 0.5  # RTFx: each batch repeats until this much time has run
     matmul_size: int = 2048
 
 
@@ -87,19 +88,21 @@ def _batches(clips: list[np.ndarray], size: int) -> list[tuple[torch.Tensor, tor
             for i in range(0, len(clips), size)]
 
 
-def rtfx(run, clips: list[np.ndarray], batch_size: int, repeats: int = 3,  # noqa: ANN001
-         min_seconds: float = 0.5) -> float:
+def rtfx(
+    run, clips: list[np.ndarray], batch_size: int, plan: BenchPlan  # noqa: ANN001
+) -> float:
     """Audio seconds / wall seconds of ``run(audio, lengths)`` over the clips in batches.
 
     One untimed warm-up batch first; then each batch counts its fastest of at least
-    ``repeats`` runs, repeated until ``min_seconds`` of runs have passed. A single pass let
-    two identical students differ by 40 % at batch 1 (377 vs 528 RTFx) on this 2-core VM, and
-    one run of a 0.9 s batch put the teacher's batch-16 RTFx below its batch-1 figure.
+    ``plan.repeats`` runs, repeated until ``plan.timing_seconds`` of runs have passed. A single
+    pass let two identical students differ by 40 % at batch 1 (377 vs 528 RTFx) on this 2-core
+    VM, and one run of a 0.9 s batch put the teacher's batch-16 RTFx below its batch-1 figure.
     """
     batches = _batches(clips, batch_size)
     run(*batches[0])
     wall = sum(
-        best_time(partial(run, audio, lengths), repeats, warmup=0, min_seconds=min_seconds)
+        best_time(partial(run, audio, lengths), plan.repeats, warmup=0,
+                  min_seconds=plan.timing_seconds)
         for audio, lengths in batches
     )
     return round(sum(len(c) for c in clips) / 16000 / wall, 1)
@@ -194,8 +197,8 @@ def onnx_rows(model: E2EASR, clips: list[np.ndarray], plan: BenchPlan, manifest:
             return session.infer(audio.numpy(), lengths.numpy(), "ctc_greedy")
 
         row = {"file_mb": round(path.stat().st_size / 1e6, 2),
-               "rtfx_b1": rtfx(run, clips, 1, plan.repeats),
-               f"rtfx_b{plan.batch}": rtfx(run, clips, plan.batch, plan.repeats)}
+               "rtfx_b1": rtfx(run, clips, 1, plan),
+               f"rtfx_b{plan.batch}": rtfx(run, clips, plan.batch, plan)}
         if manifest is not None:
             row["wer"], row["texts"], row["differ_from_torch"] = _onnx_wer(session, manifest,
                                                                            model)
@@ -234,8 +237,8 @@ def decoding_rows(model: E2EASR, clips: list[np.ndarray], plan: BenchPlan,
         def run(audio, lengths, method=method):  # noqa: ANN001, ANN202
             return model.infer(audio, lengths, method=method)
 
-        rows[method] = {"rtfx_b1": rtfx(run, use, 1, plan.repeats),
-                        f"rtfx_b{plan.batch}": rtfx(run, use, plan.batch, plan.repeats)}
+        rows[method] = {"rtfx_b1": rtfx(run, use, 1, plan),
+                        f"rtfx_b{plan.batch}": rtfx(run, use, plan.batch, plan)}
     return rows
 
 
@@ -366,7 +369,7 @@ def markdown(results: dict, json_path: Path, plot: Path) -> str:
         f"RTFx = audio seconds / wall seconds (features + model + decoding) on "
         f"{plan['clips']} clips of {plan['clip_seconds']:.0f} s cut from the default corpus "
         f"test split, after a warm-up batch; each batch counts its fastest of at least "
-        f"{plan['repeats']} runs (and 0.5 s of runs). WER is the demo's "
+        f"{plan['repeats']} runs (and {plan['timing_seconds']:g} s of runs). WER is the demo's "
         f"(reports/demo/metrics.json).",
         "",
         "## Size and inference",
