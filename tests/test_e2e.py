@@ -193,3 +193,45 @@ def overfit(decoder: str, corpus: Path, steps: int) -> tuple[float, E2EASR, list
 def test_learning_is_real(decoder, tiny_corpus):
     cer = overfit(decoder, tiny_corpus, steps=350 if decoder == "transformer" else 200)[0]
     assert cer < 0.05, f"{decoder}: CER {cer:.3f} on its 20 training utterances"
+
+
+ARRANGEMENTS = {
+    # ResNet1D on log-mel frames, then 2-D dw-striding over its channels (the original layout).
+    "features": {},
+    # 2-D dw-striding over the ordered mel axis, then ResNet1D on the subsampled d_model sequence.
+    "subsampled": {"frontend": ResNet1DConfig(channels=(64,), strides=(1,)),
+                   "frontend_position": "subsampled"},
+    # ResNet1D strides in time itself (1-D, mel bins as channels); the encoder only projects.
+    "strided_1d": {"frontend": ResNet1DConfig(channels=(32, 32), strides=(2, 2))},
+}
+
+
+@pytest.mark.parametrize("arrangement", sorted(ARRANGEMENTS))
+def test_frontend_arrangements_are_padding_invariant(arrangement):
+    torch.manual_seed(0)
+    config = replace(tiny_config("none"), **ARRANGEMENTS[arrangement])
+    if arrangement == "strided_1d":
+        config = replace(config, encoder=replace(config.encoder, subsampling="none",
+                                                 subsampling_factor=1))
+    else:
+        config = replace(config, encoder=replace(config.encoder, subsampling_factor=4))
+    model = build_model(config, CharTokenizer.english()).eval()
+    assert model.subsampling_factor == 4
+    audio, lengths = random_batch((1.0, 0.55))
+    batched = model.encode(audio, lengths)
+    assert batched.lengths.tolist() == [26, 14]  # 101 and 56 frames, 4x, ceil per stage
+    alone = model.encode(audio[1:, : lengths[1]], lengths[1:])
+    torch.testing.assert_close(batched.output[1, :14], alone.output[0], atol=1e-5, rtol=1e-4)
+    assert batched.output[1, 14:].abs().max() == 0
+
+
+def test_frontend_arrangement_errors_name_the_setting():
+    base = tiny_config()
+    with pytest.raises(ValueError, match="last channels must equal it"):
+        replace(base, frontend_position="subsampled")
+    with pytest.raises(ValueError, match="frontend_position must be one of"):
+        replace(base, frontend_position="after")
+    with pytest.raises(ValueError, match="subsampling_factor must be 1"):
+        FastConformerConfig(subsampling="none", subsampling_factor=4)
+    with pytest.raises(ValueError, match="dw_striding needs >= 2"):
+        FastConformerConfig(subsampling_factor=1)

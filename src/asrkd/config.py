@@ -85,13 +85,68 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
         elif sub is not None and dataclasses.is_dataclass(value):
             kwargs[name] = value
         elif _is_tuple(annotation):
-            kwargs[name] = _to_tuple(value)
+            kwargs[name] = _coerce_tuple(annotation, _to_tuple(value), key_path)
         else:
-            kwargs[name] = value
+            kwargs[name] = _coerce(annotation, value, key_path)
     try:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"config '{path or cls.__name__}': {error}") from None
+
+
+def _scalar_types(annotation: Any) -> tuple[type, ...]:
+    """The scalar types among ``X``, ``X | None``, ``Optional[X]`` (empty for anything else)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation) if origin in (typing.Union, types.UnionType) else (
+        annotation,
+    )
+    return tuple(a for a in args if a in (int, float, bool, str))
+
+
+def _coerce(annotation: Any, value: Any, key_path: str) -> Any:
+    """Convert a YAML scalar to the field's number type where YAML guessed differently.
+
+    PyYAML follows YAML 1.1, which reads ``5e-4`` (no dot) as a *string*, so ``lr: 5e-4``
+    would otherwise reach AdamW as ``'5e-4'``; an int given for a float field becomes a float.
+    Fields that also accept strings are left alone. A string that is not a number is an error
+    naming the key.
+    """
+    types_ = _scalar_types(annotation)
+    if not types_ or value is None or isinstance(value, bool) or str in types_:
+        return value
+    if type(value) in types_:
+        return value
+    if float in types_ and isinstance(value, (int, str)):
+        target, wanted = float, "a number"
+    elif int in types_ and isinstance(value, (str, float)):
+        target, wanted = int, "an integer"
+    else:
+        return value
+    try:
+        number = float(value)
+    except ValueError:
+        raise ConfigError(f"config key '{key_path}' needs {wanted}, got {value!r}") from None
+    if target is int:
+        if not number.is_integer():
+            raise ConfigError(f"config key '{key_path}' needs {wanted}, got {value!r}")
+        return int(number)
+    return number
+
+
+def _coerce_tuple(annotation: Any, value: Any, key_path: str) -> Any:
+    """Coerce the items of a ``tuple[float, ...]``-style field (see :func:`_coerce`)."""
+    if not isinstance(value, tuple):
+        return value
+    for candidate in (annotation, *typing.get_args(annotation)):
+        if typing.get_origin(candidate) is tuple:
+            args = typing.get_args(candidate)
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(args[0], v, f"{key_path}[{i}]") for i, v in enumerate(value))
+            if len(args) == len(value):
+                return tuple(
+                    _coerce(a, v, f"{key_path}[{i}]") for i, (a, v) in enumerate(zip(args, value))
+                )
+    return value
 
 
 def _field_default(field: dataclasses.Field) -> Any:

@@ -37,6 +37,7 @@ from asrkd.utils.io import atomic_save
 
 CHECKPOINT_FORMAT = "asrkd-checkpoint-1"
 DECODER_TYPES = ("transformer", "rnnt", "none")
+FRONTEND_POSITIONS = ("features", "subsampled")
 DECODING_METHODS = (
     "auto", "ctc_greedy", "ctc_beam", "attention_greedy", "attention_beam", "rnnt_greedy",
     "rnnt_beam",
@@ -100,6 +101,10 @@ class ModelConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
     spec_augment: SpecAugmentConfig | None = field(default_factory=SpecAugmentConfig)
     frontend: ResNet1DConfig | None = field(default_factory=ResNet1DConfig)
+    # Where the ResNet1D frontend runs: "features" (on the log-mel frames, before the
+    # encoder's subsampling) or "subsampled" (on the encoder's subsampled d_model sequence,
+    # before the conformer blocks; its last stage then needs d_model channels).
+    frontend_position: str = "features"
     encoder: FastConformerConfig = field(default_factory=FastConformerConfig)
     decoder: str = "transformer"
     transformer: TransformerSettings = field(default_factory=TransformerSettings)
@@ -111,6 +116,21 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.decoder not in DECODER_TYPES:
             raise ValueError(f"decoder must be one of {DECODER_TYPES}, got {self.decoder!r}")
+        if self.frontend_position not in FRONTEND_POSITIONS:
+            raise ValueError(
+                f"frontend_position must be one of {FRONTEND_POSITIONS}, "
+                f"got {self.frontend_position!r}"
+            )
+        if (
+            self.frontend_position == "subsampled"
+            and self.frontend is not None
+            and self.frontend.channels[-1] != self.encoder.d_model
+        ):
+            raise ValueError(
+                f"frontend_position: subsampled runs the frontend on the encoder's d_model "
+                f"({self.encoder.d_model}) sequence, so its last channels must equal it, "
+                f"not {self.frontend.channels[-1]}"
+            )
         if self.decoder == "none" and not self.ctc:
             raise ValueError("a model needs a decoder or a CTC head (decoder: none, ctc: false)")
 
@@ -173,6 +193,7 @@ class E2EASR(nn.Module):
         self.ctc = ctc
         self.tokenizer = tokenizer
         self.config = config
+        self.frontend_position = config.frontend_position if config is not None else "features"
 
     @property
     def decoder_type(self) -> str:
@@ -206,9 +227,12 @@ class E2EASR(nn.Module):
         features, lengths = self.features(audio, audio_lengths)
         if self.spec_augment is not None:
             features = self.spec_augment(features, lengths)
-        if self.frontend is not None:
+        if self.frontend is not None and self.frontend_position == "features":
             features, lengths = self.frontend(features, lengths)
-        return self.encoder(features, lengths, return_hidden=return_hidden)
+            return self.encoder(features, lengths, return_hidden=return_hidden)
+        return self.encoder(
+            features, lengths, return_hidden=return_hidden, after_subsampling=self.frontend
+        )
 
     def forward(
         self,
@@ -342,7 +366,9 @@ def build_model(config: ModelConfig, tokenizer: Tokenizer) -> E2EASR:
     features = LogMelFeatures(config.features)
     frontend = None
     encoder_input = config.features.n_mels
-    if config.frontend is not None:
+    if config.frontend is not None and config.frontend_position == "subsampled":
+        frontend = ResNet1D(replace(config.frontend, input_dim=config.encoder.d_model))
+    elif config.frontend is not None:
         frontend = ResNet1D(replace(config.frontend, input_dim=config.features.n_mels))
         encoder_input = frontend.output_dim
     encoder = FastConformerEncoder(replace(config.encoder, input_dim=encoder_input))

@@ -31,6 +31,7 @@ __all__ = [
     "EncoderOutput",
     "FastConformerConfig",
     "FastConformerEncoder",
+    "LinearSubsampling",
     "MaskedBatchNorm1d",
     "RelPositionMultiHeadAttention",
     "RelPositionalEncoding",
@@ -51,7 +52,11 @@ class FastConformerConfig:
         n_layers: conformer blocks.
         ff_expansion: hidden width of the feed-forward modules is ``ff_expansion * D``.
         conv_kernel: depthwise kernel of the conv module (odd).
-        subsampling_factor: time reduction of the striding convs, a power of two (2, 4, 8, 16).
+        subsampling: ``"dw_striding"`` (FastConformer's depthwise-striding convs over the
+            (time, feature) plane) or ``"none"`` (a linear projection of each frame, no time
+            reduction: for a frontend that strides in time itself; ``subsampling_factor`` 1).
+        subsampling_factor: time reduction of the striding convs, a power of two (2, 4, 8, 16);
+            1 with ``subsampling: none``.
         subsampling_channels: channels of the striding convs.
         att_context: ``(left, right)`` frames at the subsampled rate that each frame may attend
             to (``[t - left, t + right]``); ``-1`` on a side means unlimited; ``None`` = full
@@ -74,6 +79,7 @@ class FastConformerConfig:
     n_layers: int = 16
     ff_expansion: int = 4
     conv_kernel: int = 9
+    subsampling: str = "dw_striding"
     subsampling_factor: int = 8
     subsampling_channels: int = 256
     att_context: tuple[int, int] | None = None
@@ -90,7 +96,23 @@ class FastConformerConfig:
             raise ValueError(f"d_model={self.d_model} must be even and divisible by n_heads")
         if self.conv_kernel % 2 == 0:
             raise ValueError(f"conv_kernel={self.conv_kernel} must be odd")
-        _num_subsampling_stages(self.subsampling_factor)
+        if self.subsampling == "dw_striding":
+            if self.subsampling_factor < 2:
+                raise ValueError(
+                    f"subsampling_factor={self.subsampling_factor}: dw_striding needs >= 2 "
+                    "(use subsampling: none for a frontend that subsamples itself)"
+                )
+            _num_subsampling_stages(self.subsampling_factor)
+        elif self.subsampling == "none":
+            if self.subsampling_factor != 1:
+                raise ValueError(
+                    f"subsampling: none reduces no frames, so subsampling_factor must be 1, "
+                    f"not {self.subsampling_factor}"
+                )
+        else:
+            raise ValueError(
+                f"subsampling must be 'dw_striding' or 'none', not {self.subsampling!r}"
+            )
         if self.conv_norm not in ("batch_norm", "layer_norm"):
             raise ValueError(
                 f"conv_norm must be 'batch_norm' or 'layer_norm', not {self.conv_norm}"
@@ -133,8 +155,8 @@ class EncoderOutput(NamedTuple):
 
 
 def _num_subsampling_stages(factor: int) -> int:
-    if factor < 2 or factor & (factor - 1):
-        raise ValueError(f"subsampling_factor must be a power of two >= 2, not {factor}")
+    if factor < 1 or factor & (factor - 1):
+        raise ValueError(f"subsampling_factor must be a power of two, not {factor}")
     return factor.bit_length() - 1
 
 
@@ -150,7 +172,7 @@ def subsampled_lengths(lengths: torch.Tensor | int, factor: int) -> torch.Tensor
 
     Args:
         lengths: (B,) int64 input lengths (or one int).
-        factor: subsampling factor, a power of two.
+        factor: subsampling factor, a power of two (1: no subsampling).
 
     Returns:
         Same type and shape as ``lengths``: ``ceil(L / 2)`` applied ``log2(factor)`` times.
@@ -271,6 +293,24 @@ class ConvSubsampling(nn.Module):
         b, c, t, f = x.shape
         x = self.out(x.transpose(1, 2).reshape(b, t, c * f))
         return x, lengths
+
+
+class LinearSubsampling(nn.Module):
+    """No time reduction: each frame projected to ``d_model`` (``subsampling: none``).
+
+    For a frontend that already strides in time (a ResNet1D with strides), so the encoder's
+    input layer need not treat the frontend's channels as an ordered frequency axis.
+    """
+
+    factor = 1
+
+    def __init__(self, input_dim: int, d_model: int):
+        super().__init__()
+        self.out = nn.Linear(input_dim, d_model)
+
+    def forward(self, x: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, T, F) -> (B, T, D), lengths unchanged."""
+        return self.out(x), lengths
 
 
 # --------------------------------------------------------------------------------------------
@@ -613,19 +653,27 @@ class FastConformerEncoder(nn.Module):
         self.config = config
         self.output_dim = config.d_model
         self.subsampling_factor = config.subsampling_factor
-        self.subsampling = ConvSubsampling(
-            config.input_dim,
-            config.d_model,
-            config.subsampling_factor,
-            config.subsampling_channels,
-        )
+        self.subsampling: nn.Module
+        if config.subsampling == "none":
+            self.subsampling = LinearSubsampling(config.input_dim, config.d_model)
+        else:
+            self.subsampling = ConvSubsampling(
+                config.input_dim,
+                config.d_model,
+                config.subsampling_factor,
+                config.subsampling_channels,
+            )
         self.xscale = math.sqrt(config.d_model) if config.xscaling else 1.0
         self.dropout_pre_encoder = nn.Dropout(config.dropout_pre_encoder)
         self.pos_enc = RelPositionalEncoding(config.d_model, config.dropout_emb)
         self.layers = nn.ModuleList(ConformerLayer(config) for _ in range(config.n_layers))
 
     def forward(
-        self, x: torch.Tensor, lengths: torch.Tensor, return_hidden: bool = False
+        self,
+        x: torch.Tensor,
+        lengths: torch.Tensor,
+        return_hidden: bool = False,
+        after_subsampling: nn.Module | None = None,
     ) -> EncoderOutput:
         """Encode.
 
@@ -633,13 +681,19 @@ class FastConformerEncoder(nn.Module):
             x: (B, T, F) features.
             lengths: (B,) int64 valid frames.
             return_hidden: also return the output of every conformer block.
+            after_subsampling: a module ``(x, lengths) -> (x, lengths)`` applied to the
+                subsampled (B, T', D) sequence before the scaling and the conformer blocks (a
+                frontend placed after subsampling; see ``ModelConfig.frontend_position``).
 
         Returns:
             :class:`EncoderOutput` with output (B, T', D) zero on padding, lengths (B,) =
-            ``subsampled_lengths(lengths, subsampling_factor)``, and hidden_states
-            (n_layers tensors of (B, T', D), zero on padding) or None.
+            ``subsampled_lengths(lengths, subsampling_factor)`` (and any strides of
+            ``after_subsampling``), and hidden_states (n_layers tensors of (B, T', D), zero on
+            padding) or None.
         """
         x, lengths = self.subsampling(x, lengths)
+        if after_subsampling is not None:
+            x, lengths = after_subsampling(x, lengths)
         x = self.dropout_pre_encoder(x * self.xscale)
         t = x.size(1)
         pos_emb = self.pos_enc(t, x.dtype)

@@ -61,27 +61,31 @@ class TrainingTimer(L.Callback):
         self._before = 0.0
         self._start = 0.0
 
-    def _elapsed(self) -> float:
+    def elapsed(self) -> float:
+        """Seconds in ``fit`` so far, over every resumed part of the run."""
         return self._before + time.perf_counter() - self._start
 
     def on_fit_start(self, trainer, pl_module) -> None:  # noqa: ANN001
         self._start = time.perf_counter()
 
     def on_fit_end(self, trainer, pl_module) -> None:  # noqa: ANN001
-        self.seconds = self._elapsed()
+        self.seconds = self.elapsed()
 
     def state_dict(self) -> dict:
-        return {"seconds": self._elapsed() if self._start else self._before}
+        return {"seconds": self.elapsed() if self._start else self._before}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._before = float(state_dict.get("seconds", 0.0))
 
 
 class ValidationHistory(L.Callback):
-    """Keeps (step, val_wer, val_cer, val_loss) after every validation, for the report plots."""
+    """Keeps (step, seconds, val_wer, val_cer, val_loss) after every validation, for the report
+    plots. ``seconds`` is the run's wall-clock time in ``fit`` so far (from ``timer``), so runs
+    with different step costs can be compared at equal time."""
 
-    def __init__(self) -> None:
+    def __init__(self, timer: TrainingTimer | None = None) -> None:
         self.history: list[dict] = []
+        self.timer = timer
 
     def state_dict(self) -> dict:
         return {"history": list(self.history)}
@@ -94,6 +98,8 @@ class ValidationHistory(L.Callback):
             return
         metrics = trainer.callback_metrics
         row = {"step": trainer.global_step, "epoch": trainer.current_epoch}
+        if self.timer is not None:
+            row["seconds"] = round(self.timer.elapsed(), 1)
         for key in ("val_wer", "val_cer", "val_loss"):
             if key in metrics:
                 row[key] = float(metrics[key])

@@ -69,11 +69,12 @@ def build_trainer(
         every_n_train_steps=max(1, checkpoint_every_n_steps),
         enable_version_counter=False,
     )
+    timer = TrainingTimer()
     named = {
         "checkpoint": checkpoint,
         "last": last,
-        "timer": TrainingTimer(),
-        "history": ValidationHistory(),
+        "timer": timer,
+        "history": ValidationHistory(timer),
         "teacher": TeacherStaysFrozen(),
     }
     callbacks: list[L.Callback] = [*named.values(), LearningRateMonitor("step")]
