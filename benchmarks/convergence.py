@@ -192,7 +192,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[],
                         help="override applied to every experiment (repeatable)")
     parser.add_argument("--add", action="append", default=[],
-                        help="extra experiment: "name=key=value;key=value"")
+                        help="extra experiment: 'name=key=value;key=value'")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     args.corpus = args.corpus.resolve()
