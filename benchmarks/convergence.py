@@ -55,21 +55,29 @@ def _common(corpus: Path, out: Path) -> list[str]:
 
 
 def _train(config: str, overrides: list[str], log: Path) -> tuple[dict, list[tuple[int, float]]]:
-    """Run ``asrkd train``; return its result JSON and the (step, seconds) progress lines."""
+    """Run ``asrkd train``; return its ``train_result.json`` and the (step, seconds) progress
+    lines. A finished run of the same command (the log's first line) is reused."""
     command = [PY, "-m", "asrkd.cli", "train", "--config", config, *overrides]
+    output_dir = Path([o for o in overrides if o.startswith("output_dir=")][-1].split("=", 1)[1])
+    result_file = output_dir / "train_result.json"
+    if log.is_file() and result_file.is_file():
+        text = log.read_text()
+        if text.split("\n", 1)[0] == " ".join(command):
+            return json.loads(result_file.read_text()), _progress(text)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with log.open("w") as handle:
         handle.write(" ".join(command) + "\n")
         handle.flush()
         done = subprocess.run(command, stdout=handle, stderr=subprocess.STDOUT, env=env,
                               cwd=ROOT, check=False)
-    text = log.read_text()
     if done.returncode:
         raise RuntimeError(f"training failed (exit {done.returncode}); see {log}")
-    progress = [(int(m.group(1)), float(m.group(2)))
-                for m in map(_STEP_LINE.match, text.splitlines()) if m]
-    result_start = text.rindex("\n{")
-    return json.loads(text[result_start:]), progress
+    return json.loads(result_file.read_text()), _progress(log.read_text())
+
+
+def _progress(text: str) -> list[tuple[int, float]]:
+    return [(int(m.group(1)), float(m.group(2)))
+            for m in map(_STEP_LINE.match, text.splitlines()) if m]
 
 
 def seconds_per_step(config: str, overrides: list[str], work: Path) -> float:
