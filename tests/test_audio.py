@@ -153,3 +153,28 @@ def test_speed_perturb_changes_duration():
     assert abs(len(speed_perturb(audio, 1.1)) - 16000 / 1.1) < 3
     assert abs(len(speed_perturb(audio, 0.9)) - 16000 / 0.9) < 3
     assert speed_perturb(audio, 1.0) is audio
+
+
+def test_dynamic_range_floor_makes_features_gain_invariant_and_empty_bands_zero(fsdd_dir):
+    # An 8 kHz recording upsampled to 16 kHz has no signal above 4 kHz, and FSDD's test speaker
+    # is 13 dB quieter than the others: with an absolute floor both change the features.
+    audio = torch.from_numpy(load_audio(fsdd_dir / "wav" / "0_george_0.wav"))
+    quiet = audio * 10 ** (-20 / 20)
+    lengths = torch.tensor([len(audio)])
+    absolute = LogMelFeatures(FeatureConfig())
+    relative = LogMelFeatures(FeatureConfig(dynamic_range_db=70.0, min_std=1.0))
+    loud_abs, _ = absolute(audio[None], lengths)
+    quiet_abs, _ = absolute(quiet[None], lengths)
+    assert (loud_abs - quiet_abs).abs().max() > 0.5  # the absolute floor is not gain-invariant
+    loud, _ = relative(audio[None], lengths)
+    soft, _ = relative(quiet[None], lengths)
+    torch.testing.assert_close(loud, soft, atol=2e-3, rtol=0)
+    above_4k = slice(66, 80)  # HTK mel bins whose centres lie above 4 kHz (80 bins, 0-8 kHz)
+    assert loud_abs[0, :, above_4k].std(0).mean() > 0.9  # noise blown up to unit variance
+    assert loud[0, :, above_4k].std(0).mean() < 0.6  # mostly at the floor (edge clicks remain)
+    # Padding invariance holds with the per-utterance floor, and silence stays finite.
+    batch = torch.zeros(2, len(audio) + 4000)
+    batch[0, : len(audio)] = audio
+    feats, out_lengths = relative(batch, torch.tensor([len(audio), 0]))
+    torch.testing.assert_close(feats[0, : out_lengths[0]], loud[0], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(feats).all()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from asrkd.data.audio_processing import SpecAugmentConfig
+from asrkd.data.audio_processing import FeatureConfig, SpecAugmentConfig
 from asrkd.models.e2e_asr import ModelConfig, RNNTSettings, TokenizerConfig, TransformerSettings
 from asrkd.models.encoder import FastConformerConfig
 from asrkd.models.frontend import ResNet1DConfig
@@ -20,6 +20,7 @@ def student_cpu(decoder: str = "transformer") -> ModelConfig:
     inference from 725 ms to 559 ms (RTFx 306 -> 397) with the same parameter count.
     """
     return ModelConfig(
+        features=FeatureConfig(dynamic_range_db=70.0, min_std=1.0),
         frontend=ResNet1DConfig(channels=(64,), strides=(1,), kernel_size=3),
         encoder=FastConformerConfig(
             d_model=96, n_heads=2, n_layers=6, subsampling_factor=4, subsampling_channels=64,

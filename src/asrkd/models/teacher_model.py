@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from asrkd.data.audio_processing import SpecAugmentConfig
+from asrkd.data.audio_processing import FeatureConfig, SpecAugmentConfig
 from asrkd.models.e2e_asr import (
     E2EASR,
     ModelConfig,
@@ -34,6 +34,7 @@ def teacher_cpu(decoder: str = "transformer") -> ModelConfig:
     ~15 characters/s of fast speech.
     """
     return ModelConfig(
+        features=FeatureConfig(dynamic_range_db=70.0, min_std=1.0),
         frontend=ResNet1DConfig(channels=(128,), strides=(1,), kernel_size=3),
         encoder=FastConformerConfig(
             d_model=176, n_heads=4, n_layers=8, subsampling_factor=4, subsampling_channels=128,
@@ -49,6 +50,7 @@ def teacher_cpu(decoder: str = "transformer") -> ModelConfig:
 
 def _fastconformer(d_model: int, n_layers: int, n_heads: int, decoder: str) -> ModelConfig:
     return ModelConfig(
+        features=FeatureConfig(dynamic_range_db=70.0, min_std=1.0),
         frontend=ResNet1DConfig(channels=(256,), strides=(1,)),
         encoder=FastConformerConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers),
         decoder=decoder,
