@@ -169,7 +169,8 @@ def summarise(out: Path) -> None:
     lines = [
         f"# Convergence at equal wall-clock ({out.name})",
         "",
-        "| experiment | overrides | s/step | steps | val CER @ half | val CER final | val WER final |",
+        "| experiment | overrides | s/step | steps | val CER @ half | val CER final "
+        "| val WER final |",
         "|---|---|---:|---:|---:|---:|---:|",
     ]
     for row in sorted(rows, key=lambda r: r["history"][-1].get("val_cer", 9) if r["history"]

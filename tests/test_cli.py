@@ -79,15 +79,29 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
 
 @pytest.mark.slow
 def test_fsdd_recipe_quick(tmp_path, fsdd_dir):
+    # Two of the five leave-one-speaker-out folds: enough to check the per-fold splits and
+    # the aggregation over folds.
     process = subprocess.run(
         [sys.executable, "recipes/fsdd/run.py", "--quick", "--shared", str(fsdd_dir),
+         "--folds", "george,lucas",
          "--out", str(tmp_path / "report"), "--exp", str(tmp_path / "exp")],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert process.returncode == 0, process.stderr[-3000:]
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
-    assert set(metrics) == {"teacher", "student", "student_kd"}
-    splits = {s: {json.loads(x)["speaker"] for x in
-                  (tmp_path / "exp" / "manifests" / f"{s}.jsonl").read_text().splitlines()}
-              for s in ("train", "val", "test")}
-    assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["val"])
+    assert {"teacher", "student", "student_kd", "folds"} <= set(metrics)
+    assert set(metrics["folds"]) == {"george", "lucas"}
+    for name in ("teacher", "student", "student_kd"):
+        folds = [metrics["folds"][f][name]["wer"] for f in ("george", "lucas")]
+        assert metrics[name]["wer"] == pytest.approx(sum(folds) / 2, abs=1e-4)
+        assert metrics[name]["wer_min"] <= metrics[name]["wer"] <= metrics[name]["wer_max"]
+    assert "leave-one-speaker-out" in (tmp_path / "report" / "report.md").read_text()
+    for test_speaker in ("george", "lucas"):
+        manifests = tmp_path / "exp" / f"fold_{test_speaker}" / "manifests"
+        splits = {s: {json.loads(x)["speaker"] for x in
+                      (manifests / f"{s}.jsonl").read_text().splitlines()}
+                  for s in ("train", "val", "test")}
+        assert splits["test"] == {test_speaker}
+        assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["val"])
+        assert not (splits["val"] & splits["test"])
+        assert (tmp_path / "report" / f"fold_{test_speaker}" / "report.md").is_file()

@@ -125,17 +125,23 @@ def _plots(report_dir: Path, metrics: dict, histories: dict) -> list[str]:
     plt.close(fig)
     names.append("wer_vs_params.png")
 
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for name in MODELS:
-        rows = [r for r in histories.get(name, []) if "val_wer" in r]
-        if rows:
-            ax.plot([r["step"] for r in rows], [100 * r["val_wer"] for r in rows], "o-",
+        rows = [r for r in histories.get(name, []) if "val_cer" in r]
+        if not rows:
+            continue
+        # Wall-clock seconds of training when recorded (compare runs at equal time), else steps.
+        x_key = "seconds" if all("seconds" in r for r in rows) else "step"
+        for ax, metric in zip(axes, ("val_cer", "val_wer")):
+            ax.plot([r[x_key] for r in rows], [100 * r[metric] for r in rows], "o-", ms=3,
                     label=name)
-    ax.set_xlabel("training step")
-    ax.set_ylabel("validation WER (%, CTC greedy)")
-    ax.set_title("Validation WER during training")
-    ax.grid(alpha=0.3)
-    ax.legend()
+            ax.set_xlabel("training seconds (wall clock)" if x_key == "seconds"
+                          else "training step")
+    for ax, what in zip(axes, ("CER", "WER")):
+        ax.set_ylabel(f"validation {what} (%, CTC greedy)")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("Convergence: validation error against training time")
     fig.tight_layout()
     fig.savefig(report_dir / "val_wer_curves.png", dpi=110)
     plt.close(fig)
@@ -144,7 +150,7 @@ def _plots(report_dir: Path, metrics: dict, histories: dict) -> list[str]:
 
 
 def _report(report_dir: Path, metrics: dict, corpus_stats: dict, plots: list[str],
-            seconds: float, title: str, reused: int) -> None:
+            seconds: float, title: str, reused: int, notes: list[str] | None = None) -> None:
     teacher, student, kd = (metrics[name] for name in MODELS)
     lines = [
         f"# {title}",
@@ -178,6 +184,8 @@ def _report(report_dir: Path, metrics: dict, corpus_stats: dict, plots: list[str
     ]
     lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
     lines += [f"| {what} | {'yes' if ok else 'no'} | {value} |" for what, ok, value in checks]
+    if notes:
+        lines += [""] + list(notes)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     trained = sum(metrics[name]["train_seconds"] for name in MODELS)
     lines += [
@@ -198,6 +206,7 @@ def run_demo(
     overrides: list[str] | None = None,
     corpus_stats: dict | None = None,
     title: str = "asrkd demo report",
+    notes: list[str] | None = None,
 ) -> dict:
     """Run every stage (reusing finished ones) and write report.md + metrics.json.
 
@@ -257,7 +266,7 @@ def run_demo(
     plots = _plots(report_dir, metrics, histories)
     seconds = time.perf_counter() - start
     reused = sum(bool(results[name].get("reused")) for name in MODELS)
-    _report(report_dir, metrics, stats, plots, seconds, title, reused)
+    _report(report_dir, metrics, stats, plots, seconds, title, reused, notes)
     (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
     console.print((report_dir / "report.md").read_text(), markup=False)
     return metrics
