@@ -91,6 +91,18 @@ def test_duration_sampler_budget_and_ddp_split():
     assert covered == set(range(300))
 
 
+def test_short_first_curriculum_orders_only_the_first_epoch():
+    durations = np.random.default_rng(0).uniform(1, 8, size=300).tolist()
+    sampler = DurationBatchSampler(durations, max_batch_seconds=40, seed=1, short_first=True)
+    first = list(sampler)
+    longest = [max(durations[i] for i in b) for b in first]
+    assert longest == sorted(longest)
+    assert sorted(i for b in first for i in b) == list(range(300))
+    sampler.set_epoch(1)
+    later = [max(durations[i] for i in b) for b in sampler]
+    assert later != sorted(later)  # shuffled again from the second epoch
+
+
 def test_datamodule_batches(manifest_dir):
     module = ASRDataModule(
         train_manifest=str(manifest_dir / "good.jsonl"),

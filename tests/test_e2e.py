@@ -235,3 +235,24 @@ def test_frontend_arrangement_errors_name_the_setting():
         FastConformerConfig(subsampling="none", subsampling_factor=4)
     with pytest.raises(ValueError, match="dw_striding needs >= 2"):
         FastConformerConfig(subsampling_factor=1)
+
+
+def test_intermediate_ctc_in_training_only():
+    torch.manual_seed(0)
+    tokenizer = CharTokenizer.english()
+    model = build_model(replace(tiny_config(), inter_ctc_layers=(1,)), tokenizer)
+    audio, lengths = random_batch()
+    targets = torch.tensor([tokenizer.encode("hello"), tokenizer.encode("hi") + [1] * 3])
+    target_lengths = torch.tensor([5, 2])
+    model.train()
+    output = model(audio, lengths, targets, target_lengths)
+    assert len(output.inter_ctc_logits) == 1 and output.hidden_states is None
+    assert output.inter_ctc_logits[0].shape == output.ctc_logits.shape
+    parts = ASRLoss()(output, targets, target_lengths)
+    expected = 0.7 * parts["ctc_final"] + 0.3 * parts["ctc_inter"]
+    torch.testing.assert_close(parts["ctc"], expected)
+    parts["total"].backward()
+    model.eval()
+    assert model(audio, lengths, targets, target_lengths).inter_ctc_logits is None
+    with pytest.raises(ValueError, match="inter_ctc_layers .2.: each must be a conformer block"):
+        replace(tiny_config(), inter_ctc_layers=(2,))

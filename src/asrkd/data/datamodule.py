@@ -37,6 +37,8 @@ class DurationBatchSampler(Sampler[list[int]]):
         max_batch_seconds: total (padded) audio per batch: longest x count.
         max_batch_size: also cap the number of utterances.
         shuffle: reshuffle every epoch (``set_epoch``), deterministically from ``seed``.
+        short_first: a curriculum (SortaGrad, Amodei et al. 2016): the first epoch's batches go
+            from the shortest utterances to the longest; later epochs are shuffled.
         num_replicas, rank: DDP layout; read from torch.distributed when left as None.
     """
 
@@ -51,8 +53,10 @@ class DurationBatchSampler(Sampler[list[int]]):
         rank: int | None = None,
         bucket_size: int = 50,
         with_epoch: bool = False,
+        short_first: bool = False,
     ) -> None:
         self.durations = list(durations)
+        self.short_first = short_first
         self.usable = [i for i, d in enumerate(self.durations) if d <= max_batch_seconds]
         self.too_long = len(self.durations) - len(self.usable)
         if self.too_long:
@@ -123,7 +127,9 @@ class DurationBatchSampler(Sampler[list[int]]):
                 longest = candidate_longest
             if batch:
                 batches.append(batch)
-        if self.shuffle:
+        if self.short_first and self.epoch == 0:
+            batches.sort(key=lambda b: max(self.durations[i] for i in b))
+        elif self.shuffle:
             rng.shuffle(batches)
         return batches
 
@@ -185,6 +191,7 @@ class ASRDataModule(L.LightningDataModule):
         strict: bool = True,
         speed_factors: tuple[float, ...] = (),
         seed: int = 0,
+        short_first: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(logger=False)
@@ -230,6 +237,7 @@ class ASRDataModule(L.LightningDataModule):
             shuffle=train,
             seed=self.hparams.seed,
             with_epoch=train and bool(dataset.speed_factors),
+            short_first=train and self.hparams.short_first,
         )
         workers = self.hparams.num_workers
         kwargs = {

@@ -110,6 +110,10 @@ class ModelConfig:
     transformer: TransformerSettings = field(default_factory=TransformerSettings)
     rnnt: RNNTSettings = field(default_factory=RNNTSettings)
     ctc: bool = True
+    # Intermediate CTC (Lee & Watanabe 2021): in training, the outputs of these conformer
+    # blocks (1-based) also go through the CTC head, and ASRLoss mixes their CTC losses in
+    # (``asr_loss.inter_ctc_weight``). Inference and the parameters are unchanged.
+    inter_ctc_layers: tuple[int, ...] = ()
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     decoding: DecodingConfig = field(default_factory=DecodingConfig)
 
@@ -131,6 +135,15 @@ class ModelConfig:
                 f"({self.encoder.d_model}) sequence, so its last channels must equal it, "
                 f"not {self.frontend.channels[-1]}"
             )
+        if self.inter_ctc_layers:
+            if not self.ctc:
+                raise ValueError("inter_ctc_layers needs the CTC head (ctc: true)")
+            bad = [i for i in self.inter_ctc_layers if not 1 <= i < self.encoder.n_layers]
+            if bad:
+                raise ValueError(
+                    f"inter_ctc_layers {list(self.inter_ctc_layers)}: each must be a conformer "
+                    f"block before the last, 1..{self.encoder.n_layers - 1}"
+                )
         if self.decoder == "none" and not self.ctc:
             raise ValueError("a model needs a decoder or a CTC head (decoder: none, ctc: false)")
 
@@ -146,6 +159,8 @@ class ASROutput:
             (B, T', U+1, V); None without a decoder or without targets.
         decoder_type: "transformer", "rnnt" or "none".
         hidden_states: per-layer encoder outputs when asked for (distillation).
+        inter_ctc_logits: (B, T', V) CTC logits of the ``inter_ctc_layers`` blocks, in
+            training mode only (None otherwise).
     """
 
     encoder_out: torch.Tensor
@@ -154,6 +169,7 @@ class ASROutput:
     decoder_logits: torch.Tensor | None = None
     decoder_type: str = "none"
     hidden_states: list[torch.Tensor] | None = None
+    inter_ctc_logits: list[torch.Tensor] | None = None
 
 
 class E2EASR(nn.Module):
@@ -249,15 +265,20 @@ class E2EASR(nn.Module):
             targets: (B, U) token ids padded with ``<pad>``; target_lengths: (B,).
             return_hidden: also return every conformer layer's output.
         """
-        encoded = self.encode(audio, audio_lengths, return_hidden)
+        inter_layers = self.config.inter_ctc_layers if self.config is not None else ()
+        inter = bool(inter_layers) and self.training and self.ctc is not None
+        encoded = self.encode(audio, audio_lengths, return_hidden or inter)
         output = ASROutput(
             encoder_out=encoded.output,
             encoder_lengths=encoded.lengths,
             decoder_type=self.decoder_type,
-            hidden_states=encoded.hidden_states,
+            hidden_states=encoded.hidden_states if return_hidden else None,
         )
         if self.ctc is not None:
             output.ctc_logits = self.ctc(encoded.output)
+        if inter:
+            output.inter_ctc_logits = [self.ctc(encoded.hidden_states[i - 1])
+                                       for i in inter_layers]
         if self.decoder is not None and targets is not None:
             output.decoder_logits = self.decoder(
                 encoded.output, encoded.lengths, targets, target_lengths

@@ -60,12 +60,18 @@ class ASRLossConfig:
     ctc_weight: float = 0.3
     label_smoothing: float = 0.1
     attention_reduction: str = "utterance"
+    # With intermediate CTC (model.inter_ctc_layers): ctc = (1 - w) * final + w * mean(inter).
+    inter_ctc_weight: float = 0.3
 
     def __post_init__(self) -> None:
         if self.attention_reduction not in ("utterance", "token"):
             raise ValueError(
                 "attention_reduction must be 'utterance' or 'token', got "
                 f"{self.attention_reduction!r}"
+            )
+        if not 0.0 <= self.inter_ctc_weight <= 1.0:
+            raise ValueError(
+                f"inter_ctc_weight must be within [0, 1], got {self.inter_ctc_weight}"
             )
         if not 0.0 <= self.ctc_weight <= 1.0:
             raise ValueError(f"ctc_weight must be within [0, 1], got {self.ctc_weight}")
@@ -89,6 +95,16 @@ class ASRLoss(nn.Module):
         if output.ctc_logits is not None:
             log_probs = output.ctc_logits.float().log_softmax(-1)
             parts["ctc"] = ctc_loss(log_probs, output.encoder_lengths, targets, target_lengths)
+            if output.inter_ctc_logits:
+                inter = torch.stack([
+                    ctc_loss(logits.float().log_softmax(-1), output.encoder_lengths, targets,
+                             target_lengths)
+                    for logits in output.inter_ctc_logits
+                ]).mean()
+                parts["ctc_final"] = parts["ctc"]
+                parts["ctc_inter"] = inter
+                w = self.config.inter_ctc_weight
+                parts["ctc"] = (1 - w) * parts["ctc_final"] + w * inter
         decoder_loss = None
         if output.decoder_type == "transformer" and output.decoder_logits is not None:
             _, decoder_out, decoder_lengths = make_decoder_io(targets, target_lengths)

@@ -56,6 +56,7 @@ class DataConfig:
     max_duration: float | None = 20.0
     strict: bool = True
     speed_factors: tuple[float, ...] = ()
+    short_first: bool = False  # first epoch from the shortest utterances to the longest
 
 
 @dataclass(frozen=True)
@@ -204,6 +205,7 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         strict=data.strict,
         speed_factors=data.speed_factors,
         seed=config.seed,
+        short_first=data.short_first,
     )
     if training.teacher_cache is not None and data.speed_factors:
         raise ConfigError(
