@@ -15,7 +15,10 @@ Usage::
 
 writes ``<out>/<name>.json`` per experiment (overrides, seconds per step, steps, history) and
 ``<out>/summary.md`` + ``<out>/val_cer_vs_seconds.png`` over every result in ``<out>``.
-Experiments are defined in :data:`EXPERIMENTS` (add your own with ``--add name=k=v,k=v``).
+Experiments are defined in :data:`EXPERIMENTS` (add your own with ``--add "name=k=v;k=v"``).
+Step costs measured by a probe move with anything else the machine runs (a 2-core VM): an
+experiment that changes only the optimisation, not the architecture or batches, should reuse
+its reference's measured cost with ``--add "name@reference=k=v"``.
 A finished experiment is skipped unless ``--force``.
 """
 
@@ -105,7 +108,13 @@ def run_experiment(
     work = ROOT / "exp" / "convergence" / args.out.name / name
     work.mkdir(parents=True, exist_ok=True)
     common = _common(args.corpus, work / "run") + list(args.set) + extra
-    per_step = seconds_per_step(args.config, common, work)
+    reference = args.step_cost_from.get(name)
+    if reference is not None:
+        # Same architecture and batches as the reference: its step cost, measured once in a
+        # quiet moment, beats a new probe that any other load on the machine would skew.
+        per_step = json.loads((args.out / f"{reference}.json").read_text())["seconds_per_step"]
+    else:
+        per_step = seconds_per_step(args.config, common, work)
     steps = max(10, int(args.budget / per_step))
     every = max(5, steps // args.evals)
     print(f"[run] {name}: {per_step:.3f} s/step -> {steps} steps, validation every {every}",
@@ -122,6 +131,7 @@ def run_experiment(
         "config": args.config,
         "budget_seconds": args.budget,
         "seconds_per_step": round(per_step, 4),
+        "step_cost_from": reference,
         "steps": result["steps"],
         "train_seconds": result["train_seconds"],
         "wall_seconds": round(time.perf_counter() - start, 1),
@@ -201,15 +211,21 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[],
                         help="override applied to every experiment (repeatable)")
     parser.add_argument("--add", action="append", default=[],
-                        help="extra experiment: 'name=key=value;key=value'")
+                        help="extra experiment: 'name=key=value;key=value'; 'name@ref=...' "
+                             "takes its seconds per step from experiment ref (same "
+                             "architecture and batches) instead of probing")
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args()
     args.corpus = args.corpus.resolve()
     args.out = args.out.resolve()
     experiments = dict(EXPERIMENTS)
+    args.step_cost_from = {}
     for spec in args.add:
         name, _, rest = spec.partition("=")
+        name, _, reference = name.partition("@")
         experiments[name] = [x for x in rest.split(";") if x]
+        if reference:
+            args.step_cost_from[name] = reference
     names = [n for n in args.only.split(",") if n] or list(experiments)
     for name in names:
         run_experiment(name, experiments[name], args)
