@@ -176,8 +176,13 @@ def summarise(out: Path) -> None:
     fig.savefig(out / "val_cer_vs_seconds.png", dpi=110)
     plt.close(fig)
     budget = min(r["budget_seconds"] for r in rows)
+    # Overrides every experiment shares are listed once; the table shows what differs.
+    shared = [o for o in rows[0]["overrides"] if all(o in r["overrides"] for r in rows)]
     lines = [
         f"# Convergence at equal wall-clock ({out.name})",
+        "",
+        f"Every run: `{' '.join(shared) or '-'}` over `{Path(rows[0]['config']).name}`, "
+        f"{budget:g} s of training each.",
         "",
         "| experiment | overrides | s/step | steps | val CER @ half | val CER final "
         "| val WER final |",
@@ -187,8 +192,9 @@ def summarise(out: Path) -> None:
                       else 9):
         last = row["history"][-1] if row["history"] else {}
         half = _cer_at(row["history"], budget / 2)
+        own = " ".join(o for o in row["overrides"] if o not in shared)
         lines.append(
-            f"| {row['name']} | `{' '.join(row['overrides']) or '-'}` | "
+            f"| {row['name']} | `{own or '-'}` | "
             f"{row['seconds_per_step']:.2f} | {row['steps']} | "
             f"{'-' if half is None else f'{100 * half:.1f}'} | "
             f"{100 * last.get('val_cer', float('nan')):.1f} | "

@@ -27,9 +27,9 @@ def _few_threads():
     torch.set_num_threads(threads)
 
 
-def _shared(name: str) -> Path:
+def _shared(name: str, manifest: str = "manifest.jsonl") -> Path:
     folder = SHARED_DATA / name
-    if not (folder / "manifest.jsonl").is_file():
+    if not (folder / manifest).is_file():
         pytest.skip(
             f"real speech not found at {folder} (it ships beside the project in CI; "
             "set ASRKD_SHARED_DATA to use a copy elsewhere)"
@@ -45,6 +45,16 @@ def ljspeech_dir() -> Path:
 @pytest.fixture
 def fsdd_dir() -> Path:
     return _shared("fsdd")
+
+
+@pytest.fixture
+def an4_dir() -> Path:
+    return _shared("an4", "manifest_train.jsonl")
+
+
+@pytest.fixture
+def speechocean_dir() -> Path:
+    return _shared("speechocean762")
 
 
 def read_jsonl(path: Path) -> list[dict]:

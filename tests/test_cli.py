@@ -105,3 +105,42 @@ def test_fsdd_recipe_quick(tmp_path, fsdd_dir):
         assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["val"])
         assert not (splits["val"] & splits["test"])
         assert (tmp_path / "report" / f"fold_{test_speaker}" / "report.md").is_file()
+
+
+def _quick_recipe(tmp_path: Path, script: str, shared: Path, *extra: str) -> dict:
+    process = subprocess.run(
+        [sys.executable, script, "--quick", "--shared", str(shared), *extra,
+         "--out", str(tmp_path / "report"), "--exp", str(tmp_path / "exp")],
+        capture_output=True, text=True, timeout=600, cwd=ROOT,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    for name in ("teacher", "student", "student_kd"):
+        assert {"params", "wer", "cer", "rtfx", "train_seconds", "checkpoint"} <= set(
+            metrics[name])
+    return metrics
+
+
+def _speakers(path: Path) -> set[str]:
+    return {json.loads(x)["speaker"] for x in path.read_text().splitlines()}
+
+
+@pytest.mark.slow
+def test_an4_recipe_quick(tmp_path, an4_dir):
+    _quick_recipe(tmp_path, "recipes/an4/run.py", an4_dir)
+    manifests = tmp_path / "exp" / "manifests"
+    train, val = _speakers(manifests / "train.jsonl"), _speakers(manifests / "val.jsonl")
+    assert not train & val
+    # The official test set is the scored split, untouched by the quick subsetting's choices.
+    assert _speakers(manifests / "test.jsonl") <= _speakers(an4_dir / "manifest_test.jsonl")
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "ESPnet2 Transformer" in report and "Text normalisation" in report
+
+
+@pytest.mark.slow
+def test_speechocean762_recipe_quick(tmp_path, speechocean_dir):
+    _quick_recipe(tmp_path, "recipes/speechocean762/run.py", speechocean_dir)
+    manifests = tmp_path / "exp" / "manifests"
+    splits = {s: _speakers(manifests / f"{s}.jsonl") for s in ("train", "val", "test")}
+    assert not splits["train"] & splits["test"] and not splits["train"] & splits["val"]
+    assert not splits["val"] & splits["test"]
