@@ -37,3 +37,14 @@ def test_non_numbers_are_errors_that_name_the_key():
         load_run_config(overrides=["training.optim.lr=fast"])
     with pytest.raises(ConfigError, match="warmup_steps' needs an integer, got 2.5"):
         load_run_config(overrides=["training.optim.warmup_steps=2.5"])
+
+
+def test_bf16_auto_precision_resolves_by_hardware(monkeypatch):
+    from asrkd.training import trainer
+
+    monkeypatch.setattr(trainer, "native_bf16_cpu", lambda: True)
+    assert trainer.resolve_precision("bf16-auto", "cpu") == "bf16-mixed"
+    monkeypatch.setattr(trainer, "native_bf16_cpu", lambda: False)
+    assert trainer.resolve_precision("bf16-auto", "cpu") == "32-true"
+    assert trainer.resolve_precision("16-mixed", "cpu") == "16-mixed"  # explicit values pass
+    assert trainer.TRAINER_DEFAULTS["precision"] == "bf16-auto"

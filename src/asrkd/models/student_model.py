@@ -11,8 +11,9 @@ from asrkd.models.frontend import ResNet1DConfig
 def student_cpu(decoder: str = "transformer") -> ModelConfig:
     """Student of :func:`~asrkd.models.teacher_model.teacher_cpu`.
 
-    Same features, subsampling (4x) and vocabulary (characters) as the teacher, so
-    frame-level KD lines up; a thin frontend, d96 x 6 layers, one decoder layer.
+    Same features, subsampling (4x, by the same 1-D striding ResNet1D layout) and vocabulary
+    (characters) as the teacher, so frame-level KD lines up; a thin frontend (96 channels),
+    d96 x 6 layers, one decoder layer.
 
     Two attention heads (d_k 48), not four: the (B, H, T, T) score tensors cost the same per
     head whatever the width, so at d96 four heads spent as much on them as the teacher's four
@@ -21,9 +22,9 @@ def student_cpu(decoder: str = "transformer") -> ModelConfig:
     """
     return ModelConfig(
         features=FeatureConfig(dynamic_range_db=70.0, min_std=1.0),
-        frontend=ResNet1DConfig(channels=(64,), strides=(1,), kernel_size=3),
+        frontend=ResNet1DConfig(channels=(96, 96), strides=(2, 2), kernel_size=3),
         encoder=FastConformerConfig(
-            d_model=96, n_heads=2, n_layers=6, subsampling_factor=4, subsampling_channels=64,
+            d_model=96, n_heads=2, n_layers=6, subsampling="none", subsampling_factor=1,
             dropout=0.1,
         ),
         tokenizer=TokenizerConfig(kind="char"),

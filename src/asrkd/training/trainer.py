@@ -18,15 +18,50 @@ from asrkd.training.callbacks import (
 )
 from asrkd.training.checkpointing import LAST_CHECKPOINT, AtomicCheckpointIO
 
+AUTO_PRECISION = "bf16-auto"
 TRAINER_DEFAULTS = {
     "accelerator": "cpu",
     "devices": 1,
     "max_epochs": 10,
     "gradient_clip_val": 1.0,
+    "precision": AUTO_PRECISION,
     "log_every_n_steps": 20,
     "num_sanity_val_steps": 0,
     "enable_model_summary": True,
 }
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU does bf16 arithmetic in hardware (AVX-512 BF16 or AMX).
+
+    oneDNN also "supports" bf16 on plain AVX-512 by emulation, which is slower than float32,
+    so the flag in /proc/cpuinfo decides (Linux; elsewhere False)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool({"avx512_bf16", "amx_bf16"} & flags)
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(precision: str | int | None, accelerator: str | None) -> str | int | None:
+    """``bf16-auto``: ``bf16-mixed`` where the hardware computes bf16 natively, else
+    ``32-true``. On this project's 2-core CPU (AVX-512 BF16) bf16-mixed made a teacher step
+    1.4x faster and reached a lower validation CER at equal wall-clock on AN4 (19.2 % vs
+    37.1 % after 420 s; docs/training-recipe.md). Any other value is Lightning's own."""
+    if precision != AUTO_PRECISION:
+        return precision
+    import torch
+
+    on_gpu = accelerator in ("gpu", "cuda") or (
+        accelerator in (None, "auto") and torch.cuda.is_available()
+    )
+    if on_gpu:
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "bf16-mixed" if native_bf16_cpu() else "32-true"
 
 
 def build_trainer(
@@ -50,6 +85,7 @@ def build_trainer(
         if key not in valid:
             raise unknown_key_error(key, "trainer", valid)
     kwargs = {**TRAINER_DEFAULTS, **trainer_config}
+    kwargs["precision"] = resolve_precision(kwargs.get("precision"), kwargs.get("accelerator"))
     if kwargs.get("callbacks"):
         raise ConfigError("trainer.callbacks is managed by asrkd; use extra_callbacks")
     output_dir = Path(output_dir)
