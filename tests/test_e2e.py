@@ -256,3 +256,28 @@ def test_intermediate_ctc_in_training_only():
     assert model(audio, lengths, targets, target_lengths).inter_ctc_logits is None
     with pytest.raises(ValueError, match="inter_ctc_layers .2.: each must be a conformer block"):
         replace(tiny_config(), inter_ctc_layers=(2,))
+
+
+def test_regularization_warmup_ramps_dropout_and_specaugment():
+    from types import SimpleNamespace
+
+    from asrkd.training.callbacks import RegularizationWarmup, _regularizers
+
+    config = replace(
+        tiny_config(), spec_augment=SpecAugmentConfig(),
+        encoder=replace(tiny_config().encoder, dropout=0.2, dropout_att=0.1),
+    )
+    model = build_model(config, CharTokenizer.english())
+    before = {(id(m), name): getattr(m, name) for m, name in _regularizers(model)}
+    assert any(v == 0.2 for v in before.values()) and any(v == 0.1 for v in before.values())
+    assert model.spec_augment.strength == 1.0
+    callback = RegularizationWarmup(steps=10)
+    module = SimpleNamespace(student=model)
+    callback.on_train_start(None, module)
+    for step, factor in ((0, 0.0), (5, 0.5), (10, 1.0), (25, 1.0)):
+        callback.on_train_batch_start(SimpleNamespace(global_step=step), module, None, 0)
+        for m, name in _regularizers(model):
+            assert getattr(m, name) == pytest.approx(before[(id(m), name)] * factor)
+    callback.on_train_batch_start(SimpleNamespace(global_step=0), module, None, 0)
+    callback.on_train_end(None, module)  # a run that stops early leaves full strength
+    assert all(getattr(m, n) == before[(id(m), n)] for m, n in _regularizers(model))

@@ -266,12 +266,14 @@ class SpecAugment(nn.Module):
     """Frequency and time masking (Park et al. 2019), respecting each utterance's length.
 
     Active only in training mode. Masked values are set to zero, which is the mean of
-    normalised features.
+    normalised features. ``strength`` (0..1, default 1) scales the mask widths; a training
+    schedule may raise it from 0 (see ``RegularizationWarmup``).
     """
 
     def __init__(self, config: SpecAugmentConfig = SpecAugmentConfig()) -> None:
         super().__init__()
         self.config = config
+        self.strength = 1.0
 
     def forward(self, features: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """Args: features (B, T, F), lengths (B,). Returns masked features (B, T, F)."""
@@ -283,12 +285,13 @@ class SpecAugment(nn.Module):
         keep = torch.ones(batch, frames, bins, dtype=torch.bool, device=device)
         bin_index = torch.arange(bins, device=device)
         frame_index = torch.arange(frames, device=device)
+        freq_width = int(round(config.freq_width * self.strength))
         for _ in range(config.freq_masks):
-            width = torch.randint(0, config.freq_width + 1, (batch, 1), device=device)
+            width = torch.randint(0, freq_width + 1, (batch, 1), device=device)
             start = (torch.rand(batch, 1, device=device) * (bins - width + 1)).long()
             band = (bin_index >= start) & (bin_index < start + width)  # (B, F)
             keep &= ~band[:, None, :]
-        max_width = (lengths.float() * config.time_width).long().clamp(min=0)  # (B,)
+        max_width = (lengths.float() * config.time_width * self.strength).long().clamp(min=0)
         for _ in range(config.time_masks):
             width = (torch.rand(batch, device=device) * (max_width + 1).float()).long()
             start = (torch.rand(batch, device=device) * (lengths - width + 1).float()).long()

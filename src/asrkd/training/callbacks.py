@@ -7,6 +7,7 @@ import time
 
 import lightning as L
 import torch
+from torch import nn
 
 
 def parameters_fingerprint(module: torch.nn.Module) -> str:
@@ -130,3 +131,49 @@ class PlainProgress(L.Callback):
             f"({elapsed:.0f} s{eta})",
             flush=True,
         )
+
+
+def _regularizers(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(module, attribute) of every dropout rate and SpecAugment strength inside ``module``."""
+    found = []
+    for child in module.modules():
+        if isinstance(child, nn.Dropout):
+            found.append((child, "p"))
+        elif isinstance(child, nn.RNNBase):
+            found.append((child, "dropout"))
+        elif type(child).__name__ == "SpecAugment":
+            found.append((child, "strength"))
+        else:
+            found += [(child, name) for name in ("dropout_att", "dropout")
+                      if isinstance(getattr(child, name, None), float)]
+    return found
+
+
+class RegularizationWarmup(L.Callback):
+    """Dropout and SpecAugment rise linearly from 0 to their configured values over ``steps``.
+
+    Regularisation sized for long runs slows the start of short ones: on AN4 at equal steps
+    (583, 420 s) a teacher with every dropout at 0 reached validation CER 13.7 % against
+    19.2 % with 0.1, and both still had a validation loss below the (augmented) training loss,
+    i.e. they were underfitting. Ramping keeps the fast start and the full regularisation for
+    the rest of a long run. Only the model being trained is touched (a KD teacher stays in
+    eval mode). The rates depend only on the global step, so a resumed run matches.
+    """
+
+    def __init__(self, steps: int) -> None:
+        self.steps = max(1, int(steps))
+        self._targets: list[tuple[nn.Module, str, float]] = []
+
+    def _apply(self, factor: float) -> None:
+        for module, name, value in self._targets:
+            setattr(module, name, value * factor)
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001
+        model = getattr(pl_module, "student", pl_module)
+        self._targets = [(m, name, float(getattr(m, name))) for m, name in _regularizers(model)]
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self._apply(min(1.0, trainer.global_step / self.steps))
+
+    def on_train_end(self, trainer, pl_module) -> None:  # noqa: ANN001
+        self._apply(1.0)

@@ -75,6 +75,9 @@ class TrainingConfig:
     teacher_cache: str | None = None  # `asrkd cache-teacher` output: offline CTC KD
     checkpoint_every_n_steps: int = 50  # how often checkpoints/last.ckpt (for --resume) is written
     max_bad_batches_in_a_row: int = 20  # NaN/inf batches skipped before the run stops
+    # Dropout and SpecAugment rise from 0 to their configured values over this many steps
+    # (0: full strength from the first step); see training.callbacks.RegularizationWarmup.
+    regularization_warmup_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +219,7 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     trainer, callbacks = build_trainer(
         config.trainer, output_dir, training.early_stopping_patience,
         checkpoint_every_n_steps=training.checkpoint_every_n_steps,
+        regularization_warmup_steps=training.regularization_warmup_steps,
     )
     start_from = resume_checkpoint(output_dir) if resume else None
     if start_from is not None:

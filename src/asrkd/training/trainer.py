@@ -12,6 +12,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from asrkd.config import ConfigError, unknown_key_error
 from asrkd.training.callbacks import (
     PlainProgress,
+    RegularizationWarmup,
     TeacherStaysFrozen,
     TrainingTimer,
     ValidationHistory,
@@ -70,6 +71,7 @@ def build_trainer(
     early_stopping_patience: int | None = None,
     extra_callbacks: list[L.Callback] | None = None,
     checkpoint_every_n_steps: int = 50,
+    regularization_warmup_steps: int = 0,
 ) -> tuple[L.Trainer, dict[str, L.Callback]]:
     """A Trainer with our callbacks; ``trainer_config`` holds Lightning Trainer arguments.
 
@@ -114,6 +116,8 @@ def build_trainer(
         "teacher": TeacherStaysFrozen(),
     }
     callbacks: list[L.Callback] = [*named.values(), LearningRateMonitor("step")]
+    if regularization_warmup_steps > 0:
+        callbacks.append(RegularizationWarmup(regularization_warmup_steps))
     if early_stopping_patience:
         callbacks.append(EarlyStopping("val_wer", patience=early_stopping_patience, mode="min"))
     # A live bar on a terminal; plain lines in logs and CI (a bar there is unreadable).
