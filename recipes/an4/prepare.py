@@ -54,3 +54,14 @@ def prepare(shared: Path, out: Path, limit: int | None = None) -> dict:
     )
     (out / "stats.json").write_text(json.dumps(stats, indent=2))
     return stats
+
+
+if __name__ == "__main__":
+    import argparse
+
+    root = Path(__file__).resolve().parents[2]
+    parser = argparse.ArgumentParser(description="Write AN4 train/val/test manifests.")
+    parser.add_argument("--shared", type=Path, default=root.parent / "shared" / "data" / "an4")
+    parser.add_argument("--out", type=Path, default=root / "exp" / "an4" / "manifests")
+    args = parser.parse_args()
+    print(prepare(args.shared, args.out)["summary"])

@@ -23,16 +23,21 @@ MODELS = ("teacher", "student", "student_kd")
 
 @dataclass(frozen=True)
 class DemoPlan:
-    """Sizes and step budgets of a demo run."""
+    """Sizes and step budgets of a demo run.
 
-    n_train: int = 3000
+    ``regularization_warmup``: the share of each stage's steps over which dropout and
+    SpecAugment ramp up from 0 (``training.regularization_warmup_steps``).
+    """
+
+    n_train: int = 6000
     n_val: int = 300
     n_test: int = 300
-    teacher_steps: int = 900
-    student_steps: int = 600
+    teacher_steps: int = 1500
+    student_steps: int = 1000
     max_batch_seconds: float = 60.0
     val_every_steps: int = 100
-    warmup_steps: int = 50
+    warmup_steps: int = 100
+    regularization_warmup: float = 0.4
 
 
 FULL = DemoPlan()
@@ -54,6 +59,7 @@ def _stage_overrides(plan: DemoPlan, corpus: Path, out: Path, steps: int) -> lis
         f"trainer.val_check_interval={plan.val_every_steps}",
         "trainer.check_val_every_n_epoch=null",
         f"training.optim.warmup_steps={plan.warmup_steps}",
+        f"training.regularization_warmup_steps={int(plan.regularization_warmup * steps)}",
         f"trainer.enable_progress_bar={'false' if os.environ.get('CI') else 'true'}",
     ]
 

@@ -48,7 +48,7 @@ def set_rng_state(state: dict) -> None:
 class OptimConfig:
     """AdamW with linear warmup, then cosine decay (to ``min_lr_ratio * lr``) or Noam."""
 
-    lr: float = 2e-3
+    lr: float = 5e-4
     weight_decay: float = 1e-3
     betas: tuple[float, float] = (0.9, 0.98)
     warmup_steps: int = 500
