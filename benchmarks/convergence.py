@@ -162,11 +162,14 @@ def summarise(out: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for row in rows:
+    fig, ax = plt.subplots(figsize=(8, 5))
+    colours = plt.cm.tab20.colors
+    for index, row in enumerate(rows):
         points = [(r["seconds"], 100 * r["val_cer"]) for r in row["history"] if "val_cer" in r]
         if points:
-            ax.plot(*zip(*points), "o-", ms=3, label=row["name"])
+            ax.plot(*zip(*points), marker="os^Dv"[index % 5], ms=3,
+                    linestyle="-" if index < len(colours) else "--",
+                    color=colours[index % len(colours)], label=row["name"])
     ax.set_xlabel("training wall-clock seconds (2 CPU cores)")
     ax.set_ylabel("validation CER (%, CTC greedy)")
     ax.set_ylim(0, 100)
