@@ -98,12 +98,13 @@ def test_fsdd_recipe_quick(tmp_path, fsdd_dir):
     assert "leave-one-speaker-out" in (tmp_path / "report" / "report.md").read_text()
     for test_speaker in ("george", "lucas"):
         manifests = tmp_path / "exp" / f"fold_{test_speaker}" / "manifests"
-        splits = {s: {json.loads(x)["speaker"] for x in
-                      (manifests / f"{s}.jsonl").read_text().splitlines()}
-                  for s in ("train", "val", "test")}
-        assert splits["test"] == {test_speaker}
-        assert not (splits["train"] & splits["test"]) and not (splits["train"] & splits["val"])
-        assert not (splits["val"] & splits["test"])
+        rows = {s: [json.loads(x) for x in (manifests / f"{s}.jsonl").read_text().splitlines()]
+                for s in ("train", "val", "test")}
+        speakers = {s: {r["speaker"] for r in rows[s]} for s in rows}
+        files = {s: {r["audio_filepath"] for r in rows[s]} for s in rows}
+        assert speakers["test"] == {test_speaker}
+        assert test_speaker not in speakers["train"] | speakers["val"]
+        assert not files["train"] & files["val"]  # validation recordings are held out
         assert (tmp_path / "report" / f"fold_{test_speaker}" / "report.md").is_file()
 
 
