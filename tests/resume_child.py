@@ -17,7 +17,8 @@ import asrkd.training.pipeline as pipeline
 from asrkd.training.pipeline import load_run_config, train
 
 TINY = {
-    "model.frontend.channels": "[32]", "model.encoder.d_model": "64",
+    "model.frontend.channels": "[32]", "model.frontend.strides": "[1]",
+    "model.encoder.subsampling": "dw_striding", "model.encoder.d_model": "64",
     "model.encoder.n_heads": "2", "model.encoder.n_layers": "2",
     "model.encoder.subsampling_channels": "32", "model.encoder.subsampling_factor": "8",
     "model.transformer.d_model": "64", "model.transformer.n_layers": "1",

@@ -105,7 +105,8 @@ def test_config_typos_name_the_key():
 
 def _tiny_run_overrides(corpus: Path, out: Path, steps: int = 3) -> list[str]:
     tiny = {
-        "model.frontend.channels": "[32]", "model.encoder.d_model": "64",
+        "model.frontend.channels": "[32]", "model.frontend.strides": "[1]",
+        "model.encoder.subsampling": "dw_striding", "model.encoder.d_model": "64",
         "model.encoder.n_heads": "2", "model.encoder.n_layers": "2",
         "model.encoder.subsampling_channels": "32", "model.encoder.subsampling_factor": "8",
         "model.transformer.d_model": "64",

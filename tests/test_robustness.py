@@ -225,8 +225,8 @@ def test_teacher_checkpoint_missing(tmp_path, capsys):
 
 def test_teacher_student_frame_rate_mismatch(tmp_path, capsys, teacher_ckpt):
     err = _cli_error(capsys, *_kd_args(tmp_path, teacher_ckpt),
-                     "model.encoder.subsampling_factor=4")
-    assert "frame rate 8 (teacher) vs 4 (student)" in err
+                     "model.frontend.strides=[2,1]")
+    assert "frame rate 8 (teacher) vs 2 (student)" in err
 
 
 def test_teacher_student_vocabulary_mismatch(tmp_path, capsys, teacher_ckpt):

@@ -191,6 +191,36 @@ def test_missing_utterance_and_stale_cache_errors(
         TeacherCache(tmp_path / "absent.pt")
 
 
+def test_validation_audio_outside_the_cache_gets_the_asr_loss(
+    tmp_path, tiny_corpus, small_manifest, teacher_and_student
+):
+    """A cache written over the training set: validation batches (not in it) are scored by the
+    student's ASR loss; a training batch that is not in the cache is still an error."""
+    from asrkd.models.distillation import KDConfig, KDWrapper
+    from asrkd.training.losses import ASRLoss
+
+    teacher, student = teacher_and_student
+    cache_teacher(teacher, small_manifest, tmp_path / "t.pt", top_k=3)
+    wrapper = KDWrapper.from_config(None, student, ASRLoss(), KDConfig(losses=("ctc_kl",)),
+                                    teacher_cache=TeacherCache(tmp_path / "t.pt"))
+    tokenizer = student.tokenizer
+    audio, lengths, keys = _batch(small_manifest, [0, 1])
+    targets = torch.tensor([tokenizer.encode("ab"), tokenizer.encode("cd")])
+    target_lengths = torch.tensor([2, 2])
+    other = utterance_key(tiny_corpus / "wav" / "test" / "test_000000.wav")
+    wrapper.eval()
+    with torch.no_grad():
+        cached = wrapper(audio, lengths, targets, target_lengths, keys)
+        outside = wrapper(audio, lengths, targets, target_lengths, [keys[0], other])
+    assert "kd" in cached and cached["total"] != cached["asr"]
+    assert "kd" not in outside and torch.equal(outside["total"], outside["asr"])
+    torch.testing.assert_close(outside["asr"], cached["asr"])
+    wrapper.train()
+    with pytest.raises(TeacherCacheKeyError):
+        wrapper(audio, lengths, targets, target_lengths, [keys[0], other])
+    student.eval()
+
+
 def test_cli_writes_the_cache(tmp_path, small_manifest, teacher_and_student, capsys):
     teacher, _ = teacher_and_student
     ckpt = save_checkpoint(teacher, tmp_path / "teacher.ckpt")
