@@ -136,6 +136,13 @@ def test_an4_recipe_quick(tmp_path, an4_dir):
     assert _speakers(manifests / "test.jsonl") <= _speakers(an4_dir / "manifest_test.jsonl")
     report = (tmp_path / "report" / "report.md").read_text()
     assert "ESPnet2 Transformer" in report and "Text normalisation" in report
+    # The LM stage: trained, tuned on validation, stored with its weights, scored on test.
+    assert "With a token 3-gram LM" in report
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    for name in ("teacher", "student", "student_kd"):
+        lm = metrics[name]["lm"]
+        assert lm["order"] == 3 and lm["weight"] in (0.0, 0.5) and 0.0 <= lm["wer"]
+        assert (tmp_path / "exp" / name / "lm3.json").is_file()
 
 
 @pytest.mark.slow

@@ -79,12 +79,28 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(json.dumps({k: v for k, v in result.items() if k != "val_history"}, indent=2))
 
 
+def _fusion(args: argparse.Namespace):  # noqa: ANN202
+    """The LMFusion that --lm/--lm-weight/--length-bonus ask for, or None."""
+    if not getattr(args, "lm", None):
+        if args.lm_weight is not None or args.length_bonus is not None:
+            raise ValueError("--lm-weight and --length-bonus need --lm")
+        return None
+    from asrkd.models.lm import NGramLM
+
+    return NGramLM.load(args.lm).fusion_settings(args.lm_weight, args.length_bonus)
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from asrkd.training.pipeline import evaluate
 
+    fusion = _fusion(args)
     metrics = evaluate(
-        args.ckpt, args.manifest, method=args.method, out_jsonl=args.out, threads=args.threads
+        args.ckpt, args.manifest, method=args.method, out_jsonl=args.out, threads=args.threads,
+        fusion=fusion,
     )
+    if fusion is not None:
+        print(f"LM: {args.lm} (order {fusion.lm.order}), weight {fusion.weight:g}, "
+              f"length bonus {fusion.length_bonus:g}")
     print(
         f"WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
         f"(S {metrics['substitutions']}, D {metrics['deletions']}, I {metrics['insertions']} "
@@ -93,6 +109,39 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
+
+
+def cmd_lm(args: argparse.Namespace) -> None:
+    from asrkd.data.dataset import read_manifest
+    from asrkd.models.e2e_asr import load_checkpoint
+    from asrkd.models.lm import train_lm
+    from asrkd.training.pipeline import tune_fusion
+
+    model = load_checkpoint(args.ckpt)
+    texts = []
+    for manifest in args.manifest:
+        texts += [entry.text for entry in read_manifest(manifest)[0] if entry.text]
+    for path in args.text:
+        texts += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
+    if not texts:
+        raise ValueError("no text to train the LM on: pass --manifest or --text")
+    lm = train_lm(texts, model.tokenizer, order=args.order)
+    print(f"{lm!r} from {len(texts)} sentences")
+    if args.tune:
+        held_out = [model.tokenizer.encode(e.text) for e in read_manifest(args.tune)[0] if e.text]
+        print(f"perplexity on {args.tune}: {lm.perplexity(held_out):.2f} per token")
+        result = tune_fusion(model, args.tune, lm, beam_size=args.beam_size)
+        for row in result["grid"]:
+            print(f"  weight {row['weight']:.1f}  bonus {row['length_bonus']:.1f}  "
+                  f"WER {100 * row['wer']:.2f}%  CER {100 * row['cer']:.2f}%")
+        best = result["best"]
+        lm.fusion = {"weight": best["weight"], "length_bonus": best["length_bonus"],
+                     "tuned_on": str(args.tune), "wer": best["wer"], "cer": best["cer"],
+                     "beam_size": args.beam_size}
+        print(f"best on {args.tune}: weight {best['weight']:g}, length bonus "
+              f"{best['length_bonus']:g} (WER {100 * best['wer']:.2f}%), stored in {args.out}")
+    lm.save(args.out)
+    print(f"wrote {args.out}")
 
 
 def expand_audio_paths(paths: list[str]) -> list[Path]:
@@ -136,16 +185,25 @@ def cmd_infer(args: argparse.Namespace) -> None:
     if args.onnx:
         from asrkd.export import OnnxASR
 
+        if args.lm:
+            raise ValueError("--lm works with --ckpt models (the ONNX runner decodes greedily)")
+
         onnx_model = OnnxASR(args.onnx, threads=args.threads)
 
         def transcribe(audio):  # noqa: ANN001, ANN202
             return onnx_model.infer(audio[None], np.array([len(audio)]), method=args.method)[0]
     else:
         model = load_checkpoint(args.ckpt)
+        fusion = _fusion(args)
+        method = args.method
+        if fusion is not None:
+            fusion.lm.check_tokenizer(model.tokenizer)
+            method = method or "ctc_beam"
 
         def transcribe(audio):  # noqa: ANN001, ANN202
             return model.infer(
-                torch.from_numpy(audio)[None], torch.tensor([len(audio)]), method=args.method
+                torch.from_numpy(audio)[None], torch.tensor([len(audio)]), method=method,
+                fusion=fusion,
             )[0].text
 
     files = expand_audio_paths(args.paths)
@@ -205,6 +263,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--lm", default=None,
+                        help="token n-gram LM from `asrkd lm`, fused into ctc_beam decoding")
+    parser.add_argument("--lm-weight", type=float, default=None,
+                        help="LM weight (default: the tuned one stored with the LM)")
+    parser.add_argument("--length-bonus", type=float, default=None,
+                        help="score added per token (default: the tuned one)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asrkd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -243,7 +310,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="per-utterance results (JSONL)")
     evaluate.add_argument("--json", default=None, help="write the metrics as JSON")
     evaluate.add_argument("--threads", type=int, default=2)
+    _add_lm_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    lm = sub.add_parser(
+        "lm", help="train a token n-gram LM for CTC beam search (and tune its weight)",
+        description="Kneser-Ney n-gram over the model's own tokens, trained on transcripts; "
+        "with --tune, the LM weight and length bonus are grid-searched on a validation "
+        "manifest and stored with the LM (evaluate/infer --lm then use them).",
+    )
+    lm.add_argument("--ckpt", default=DEFAULT_CKPT, help="the model whose tokenizer the LM uses")
+    lm.add_argument("--manifest", action="append", default=[],
+                    help="training text from a manifest's transcripts (repeatable)")
+    lm.add_argument("--text", action="append", default=[],
+                    help="training text, one sentence per line (repeatable)")
+    lm.add_argument("--order", type=int, default=6, help="n-gram order (default: %(default)s)")
+    lm.add_argument("--tune", default=None, help="validation manifest for the weight search")
+    lm.add_argument("--beam-size", type=int, default=8)
+    lm.add_argument("--out", required=True, help="LM file (JSON)")
+    lm.set_defaults(func=cmd_lm)
 
     infer = sub.add_parser("infer", help="transcribe audio files or folders")
     infer.add_argument("--ckpt", default=DEFAULT_CKPT, help=f"default: {DEFAULT_CKPT}")
@@ -256,6 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run an `asrkd export` ONNX file with onnxruntime instead of --ckpt")
     infer.add_argument("--out", default=None, help="write JSONL with text and timing")
     infer.add_argument("--threads", type=int, default=2)
+    _add_lm_arguments(infer)
     infer.set_defaults(func=cmd_infer)
 
     export = sub.add_parser(

@@ -43,6 +43,13 @@ class DemoPlan:
     # training set) instead of running the teacher on every KD step: frame-level CTC KD only,
     # and only without speed perturbation (the cache holds the unperturbed audio's frames).
     kd_teacher_cache: bool = False
+    # Also score the test split with a token n-gram LM of this order trained on the training
+    # transcripts, fused into CTC prefix beam search; the LM weight and length bonus are
+    # grid-searched per model on the validation split (``asrkd lm --tune``). None: no LM.
+    lm_order: int | None = None
+    lm_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    lm_bonuses: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
+    lm_beam_size: int = 8
 
 
 FULL = DemoPlan(kd_teacher_cache=True)
@@ -144,6 +151,55 @@ def _evaluate_stage(name: str, corpus: Path, exp: Path, report_dir: Path, reuse:
     return metrics
 
 
+def _lm_stage(name: str, plan: DemoPlan, corpus: Path, exp: Path, report_dir: Path,
+              reuse: bool) -> dict:
+    """Train the token LM on the training transcripts, tune its weight and bonus on the
+    validation split for this model, and score the test split with it."""
+    from asrkd.data.dataset import read_manifest
+    from asrkd.models.e2e_asr import load_checkpoint
+    from asrkd.models.lm import train_lm
+    from asrkd.training.pipeline import tune_fusion
+
+    out = report_dir / f"{name}_test_lm.json"
+    checkpoint = exp / name / "model.ckpt"
+    if reuse and out.is_file() and json.loads(out.read_text()).get("lm", {}).get(
+        "order"
+    ) == plan.lm_order:
+        return json.loads(out.read_text())
+    model = load_checkpoint(checkpoint)
+    lm_path = exp / name / f"lm{plan.lm_order}.json"
+    texts = [entry.text for entry in read_manifest(corpus / "train.jsonl")[0] if entry.text]
+    start = time.perf_counter()
+    lm = train_lm(texts, model.tokenizer, order=plan.lm_order)
+    val = corpus / "val.jsonl"
+    held_out = [model.tokenizer.encode(e.text) for e in read_manifest(val)[0] if e.text]
+    perplexity = lm.perplexity(held_out)
+    console.print(f"{name}: {lm!r}, validation perplexity {perplexity:.2f}; tuning on {val}")
+    tuned = tune_fusion(model, val, lm, weights=plan.lm_weights, bonuses=plan.lm_bonuses,
+                        beam_size=plan.lm_beam_size)
+    best = tuned["best"]
+    lm.fusion = {"weight": best["weight"], "length_bonus": best["length_bonus"],
+                 "tuned_on": str(val), "wer": best["wer"], "cer": best["cer"],
+                 "beam_size": plan.lm_beam_size}
+    lm.save(lm_path)
+    tune_seconds = time.perf_counter() - start
+    plain = next(r for r in tuned["grid"] if r["weight"] == 0.0) if 0.0 in plan.lm_weights \
+        else None
+    console.print(f"evaluating {name} with the LM (weight {best['weight']:g}, bonus "
+                  f"{best['length_bonus']:g})")
+    metrics = evaluate(
+        model, corpus / "test.jsonl", method="ctc_beam",
+        out_jsonl=report_dir / f"{name}_test_lm_utterances.jsonl", threads=2,
+        fusion=lm.fusion_settings(), timing_repeats=1, timing_seconds=0.0,
+    )
+    metrics["lm"].update({"path": str(lm_path), "val_perplexity": round(perplexity, 3),
+                          "val_wer": best["wer"], "val_cer": best["cer"],
+                          "val_wer_ctc_beam": plain["wer"] if plain else None,
+                          "tune_seconds": round(tune_seconds, 1), "grid": tuned["grid"]})
+    out.write_text(json.dumps(metrics, indent=2))
+    return metrics
+
+
 def _plots(report_dir: Path, metrics: dict, histories: dict) -> list[str]:
     import matplotlib
 
@@ -224,6 +280,27 @@ def _report(report_dir: Path, metrics: dict, corpus_stats: dict, plots: list[str
     ]
     lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
     lines += [f"| {what} | {'yes' if ok else 'no'} | {value} |" for what, ok, value in checks]
+    if all(metrics[name].get("lm") for name in MODELS):
+        order = teacher["lm"]["order"]
+        lines += [
+            "", f"## With a token {order}-gram LM", "",
+            f"Kneser-Ney {order}-gram over the models' tokens, trained on the training "
+            "transcripts only (`asrkd lm`), fused into CTC prefix beam search (beam "
+            f"{teacher['lm']['beam_size']}); LM weight and per-token bonus grid-searched for each "
+            "model on the validation split, then the test split scored once. RTFx here is one "
+            "timed pass (the beam search is Python).", "",
+            "| model | LM weight | bonus | val WER % (beam, no LM) | val WER % (LM) | "
+            "test WER % | test CER % | RTFx |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for name in MODELS:
+            lm = metrics[name]["lm"]
+            plain = lm.get("val_wer_ctc_beam")
+            lines.append(
+                f"| {name} | {lm['weight']:g} | {lm['length_bonus']:g} | "
+                f"{'' if plain is None else f'{100 * plain:.2f}'} | {100 * lm['val_wer']:.2f} | "
+                f"{100 * lm['wer']:.2f} | {100 * lm['cer']:.2f} | {lm['rtfx']:.0f} |"
+            )
     if kd.get("teacher_cache_seconds"):
         lines += ["", f"KD: frame-level CTC KL from the teacher's stored top-k posteriors "
                   f"(`asrkd cache-teacher` over the training set, "
@@ -309,6 +386,17 @@ def run_demo(
             "utterances": evaluation["utterances"],
             "decoding": evaluation["method"],
         }
+        if plan.lm_order:
+            fused = _lm_stage(name, plan, corpus_dir, exp_dir, report_dir, reuse)
+            metrics[name]["lm"] = {
+                "order": fused["lm"]["order"], "weight": fused["lm"]["weight"],
+                "length_bonus": fused["lm"]["length_bonus"],
+                "beam_size": plan.lm_beam_size, "wer": fused["wer"], "cer": fused["cer"],
+                "rtfx": fused["rtfx"], "val_wer": fused["lm"]["val_wer"],
+                "val_wer_ctc_beam": fused["lm"]["val_wer_ctc_beam"],
+                "val_perplexity": fused["lm"]["val_perplexity"],
+                "tune_seconds": fused["lm"]["tune_seconds"],
+            }
     histories = {name: results[name].get("val_history", []) for name in MODELS}
     plots = _plots(report_dir, metrics, histories)
     seconds = time.perf_counter() - start

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from asrkd.models.common import Hypothesis, make_pad_mask
+from asrkd.models.lm import LMFusion
 
 NEG_INF = float("-inf")
 
@@ -230,6 +231,7 @@ def _prefix_beam_search_one(
     beam_size: int,
     blank_id: int,
     prune_topk: int,
+    fusion: LMFusion | None = None,
 ) -> list[tuple[tuple[int, ...], float, tuple[int, ...]]]:
     """Prefix beam search over one utterance.
 
@@ -238,13 +240,36 @@ def _prefix_beam_search_one(
         beam_size: prefixes kept after each frame.
         blank_id: CTC blank index.
         prune_topk: tokens per frame considered for *extending* a prefix.
+        fusion: shallow fusion with a token LM: prefixes are ranked by their CTC log-prob
+            plus ``weight * log P_lm(prefix) + length_bonus * len(prefix)``, and finished ones
+            also score ``weight * log P_lm(</s> | prefix)``.
 
     Returns:
-        Up to ``beam_size`` ``(prefix, log_prob, timestamps)`` sorted best first.
+        Up to ``beam_size`` ``(prefix, score, timestamps)`` sorted best first; ``score`` is the
+        CTC log-prob, plus the fusion terms when ``fusion`` is given.
     """
     # prefix -> [log P(prefix, ends in blank), log P(prefix, ends in non-blank), timestamps,
     #            best single contribution (used to pick the timestamps of merged paths)]
     beam: dict[tuple[int, ...], list] = {(): [0.0, NEG_INF, (), 0.0]}
+    # prefix -> (fusion score of the prefix, LM state); depends on the prefix only.
+    lm_scores: dict[tuple[int, ...], tuple[float, tuple[int, ...]]] = {}
+    if fusion is not None:
+        lm_scores[()] = (0.0, fusion.lm.initial_state())
+
+    def lm_score(prefix: tuple[int, ...]) -> float:
+        cached = lm_scores.get(prefix)
+        if cached is None:
+            before, state = lm_scores[prefix[:-1]]
+            value, state = fusion.lm.score(state, prefix[-1])
+            cached = (before + fusion.weight * value + fusion.length_bonus, state)
+            lm_scores[prefix] = cached
+        return cached[0]
+
+    def rank(item) -> float:
+        prefix, (lp_b, lp_nb, _, _) = item
+        total = _logaddexp(lp_b, lp_nb)
+        return total if fusion is None else total + lm_score(prefix)
+
     vocab = len(frames[0]) if frames else 0
     for t, row in enumerate(frames):
         if prune_topk < vocab:
@@ -280,9 +305,19 @@ def _prefix_beam_search_one(
                 # A repeated token needs a blank in between to start a new label.
                 ext = (lp_b if prefix and c == prefix[-1] else total) + lp_c
                 add(prefix + (c,), NEG_INF, ext, ts + (t,), ext)
-        ranked = sorted(nxt.items(), key=lambda kv: _logaddexp(kv[1][0], kv[1][1]), reverse=True)
+        ranked = sorted(nxt.items(), key=rank, reverse=True)
         beam = dict(ranked[:beam_size])
-    return [(prefix, _logaddexp(lp_b, lp_nb), ts) for prefix, (lp_b, lp_nb, ts, _) in beam.items()]
+        if fusion is not None:  # rank() scored every candidate; keep the survivors' scores
+            lm_scores = {prefix: lm_scores[prefix] for prefix in beam}
+    if fusion is None:
+        return [(prefix, _logaddexp(lp_b, lp_nb), ts)
+                for prefix, (lp_b, lp_nb, ts, _) in beam.items()]
+    finished = []
+    for prefix, (lp_b, lp_nb, ts, _) in beam.items():
+        score, state = lm_scores[prefix]
+        end = fusion.weight * fusion.lm.log_prob(state, fusion.lm.eos_id)
+        finished.append((prefix, _logaddexp(lp_b, lp_nb) + score + end, ts))
+    return sorted(finished, key=lambda item: item[1], reverse=True)
 
 
 def ctc_prefix_beam_search(
@@ -291,6 +326,7 @@ def ctc_prefix_beam_search(
     beam_size: int = 8,
     blank_id: int = 0,
     prune_topk: int | None = None,
+    fusion: LMFusion | None = None,
 ) -> list[Hypothesis]:
     """CTC prefix beam search (log space, blank / non-blank prefix probabilities).
 
@@ -305,11 +341,14 @@ def ctc_prefix_beam_search(
         prune_topk: per frame, only the ``prune_topk`` most likely tokens may extend a prefix
             (staying on a prefix via blank or its last token is always scored). Defaults to
             ``beam_size``; ``V`` or more disables pruning.
+        fusion: optional shallow fusion with a token n-gram LM
+            (:class:`~asrkd.models.lm.LMFusion`).
 
     Returns:
         The best :class:`Hypothesis` per utterance; ``score`` is the prefix-merged
-        log-probability of the label sequence, ``timestamps`` the emission frame of each token
-        along the most probable contributing path of the last merge.
+        log-probability of the label sequence (plus the fusion terms with ``fusion``),
+        ``timestamps`` the emission frame of each token along the most probable contributing
+        path of the last merge.
     """
     if prune_topk is None:
         prune_topk = beam_size
@@ -318,7 +357,7 @@ def ctc_prefix_beam_search(
     hyps = []
     for b in range(rows.shape[0]):
         frames = rows[b, : int(lens[b])].tolist()
-        results = _prefix_beam_search_one(frames, beam_size, blank_id, prune_topk)
+        results = _prefix_beam_search_one(frames, beam_size, blank_id, prune_topk, fusion)
         prefix, score, ts = results[0]
         hyps.append(Hypothesis(tokens=list(prefix), score=score, timestamps=list(ts)))
     return hyps

@@ -27,6 +27,7 @@ from asrkd.models.common import Hypothesis
 from asrkd.models.ctc import CTCConfig, CTCHead, ctc_greedy_decode, ctc_prefix_beam_search
 from asrkd.models.encoder import FastConformerConfig, FastConformerEncoder
 from asrkd.models.frontend import ResNet1D, ResNet1DConfig
+from asrkd.models.lm import LMFusion
 from asrkd.models.rnnt import RNNTConfig, RNNTransducer
 from asrkd.models.transformer_decoder import (
     TransformerDecoder,
@@ -302,20 +303,25 @@ class E2EASR(nn.Module):
         audio_lengths: torch.Tensor,
         method: str | None = None,
         beam_size: int | None = None,
+        fusion: LMFusion | None = None,
     ) -> list[Hypothesis]:
         """Decode a batch of waveforms (B, S) to hypotheses with ``text`` filled in.
 
         ``method``: ctc_greedy, ctc_beam, attention_greedy, attention_beam (joint CTC scoring
         when the model has a CTC head), rnnt_greedy, rnnt_beam; None uses the config's.
+        ``fusion``: a token n-gram LM fused into ``ctc_beam`` (:class:`~asrkd.models.lm.LMFusion`).
         """
         method = method or self.default_method()
+        if fusion is not None and method != "ctc_beam":
+            raise ValueError(f"LM fusion works with ctc_beam decoding, not {method!r}")
         decoding = self.config.decoding if self.config is not None else DecodingConfig()
         beam = beam_size or decoding.beam_size
         was_training = self.training
         self.eval()
         try:
             encoded = self.encode(audio, audio_lengths)
-            hypotheses = self._decode(encoded.output, encoded.lengths, method, beam, decoding)
+            hypotheses = self._decode(encoded.output, encoded.lengths, method, beam, decoding,
+                                      fusion)
         finally:
             self.train(was_training)
         if self.tokenizer is not None:
@@ -330,6 +336,7 @@ class E2EASR(nn.Module):
         method: str,
         beam: int,
         decoding: DecodingConfig,
+        fusion: LMFusion | None = None,
     ) -> list[Hypothesis]:
         family = method.split("_")[0]
         if family == "ctc" and self.ctc is None:
@@ -341,7 +348,8 @@ class E2EASR(nn.Module):
         if method == "ctc_greedy":
             return ctc_greedy_decode(self.ctc.log_probs(encoder_out), lengths)
         if method == "ctc_beam":
-            return ctc_prefix_beam_search(self.ctc.log_probs(encoder_out), lengths, beam)
+            return ctc_prefix_beam_search(self.ctc.log_probs(encoder_out), lengths, beam,
+                                          fusion=fusion)
         if method == "attention_greedy":
             return self.decoder.greedy_search(encoder_out, lengths)
         if method == "attention_beam":

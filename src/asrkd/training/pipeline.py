@@ -16,6 +16,7 @@ from asrkd.data.datamodule import ASRDataModule
 from asrkd.data.dataset import ManifestDataset, duration_batches
 from asrkd.data.tokenizer import Tokenizer, build_tokenizer
 from asrkd.modelmodule import ModelModule, OptimConfig
+from asrkd.models.ctc import ctc_prefix_beam_search
 from asrkd.models.distillation import KDConfig
 from asrkd.models.e2e_asr import (
     E2EASR,
@@ -27,6 +28,7 @@ from asrkd.models.e2e_asr import (
     safe_load,
     save_checkpoint,
 )
+from asrkd.models.lm import LMFusion, NGramLM
 from asrkd.models.presets import get_preset
 from asrkd.training.checkpointing import resume_checkpoint
 from asrkd.training.losses import ASRLossConfig
@@ -262,8 +264,11 @@ def evaluate(
     strict: bool = True,
     timing_repeats: int = 3,
     timing_seconds: float = 2.0,
+    fusion: LMFusion | None = None,
 ) -> dict:
     """WER/CER/S/D/I and RTFx of a checkpoint on a manifest; per-utterance JSONL optional.
+
+    ``fusion``: decode with ``ctc_beam`` and this token n-gram LM (``asrkd lm``).
 
     RTFx = seconds of audio / seconds of compute (feature extraction + model + decoding,
     excluding file reading), measured with ``threads`` intra-op threads after the run that
@@ -277,6 +282,9 @@ def evaluate(
     """
     model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
     model.eval()
+    if fusion is not None:
+        fusion.lm.check_tokenizer(model.tokenizer)
+        method = method or "ctc_beam"
     dataset = ManifestDataset(manifest, strict=strict)
     normalizer = model.tokenizer.normalizer
     sample_rate = model.features.config.sample_rate
@@ -285,9 +293,10 @@ def evaluate(
         for batch in duration_batches(dataset.entries, batch_seconds):
             items = [dataset[i] for i in batch]
             audio, lengths = pad_waveforms([item["audio"] for item in items])
-            hypotheses = model.infer(audio, lengths, method=method)
+            hypotheses = model.infer(audio, lengths, method=method, fusion=fusion)
             compute += best_time(
-                partial(model.infer, audio, lengths, method=method), timing_repeats, warmup=0,
+                partial(model.infer, audio, lengths, method=method, fusion=fusion),
+                timing_repeats, warmup=0,
                 min_seconds=timing_seconds,
             )
             audio_seconds += float(lengths.sum()) / sample_rate
@@ -312,6 +321,8 @@ def evaluate(
             "compute_seconds": round(compute, 3),
             "rtfx": round(audio_seconds / max(compute, 1e-9), 1),
             "method": method or model.default_method(),
+            **({"lm": {"order": fusion.lm.order, "weight": fusion.weight,
+                       "length_bonus": fusion.length_bonus}} if fusion is not None else {}),
             "threads": threads,
             "timing": f"fastest of at least {max(1, timing_repeats)} timed runs per batch (and"
                       f" at least {timing_seconds:g} s of them)",
@@ -326,5 +337,51 @@ def evaluate(
     return metrics
 
 
+def tune_fusion(
+    checkpoint: str | Path | E2EASR,
+    manifest: str | Path,
+    lm: NGramLM,
+    weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0),
+    bonuses: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0),
+    beam_size: int = 8,
+    batch_seconds: float = 240.0,
+    threads: int | None = 2,
+) -> dict:
+    """Grid-search the LM weight and length bonus for ``ctc_beam`` on a (validation) manifest.
+
+    The acoustic model runs once; each grid point reruns only the beam search over the stored
+    CTC log-probs. Weight 0 is plain ``ctc_beam``. Returns ``{"best": {"weight",
+    "length_bonus", "wer", "cer"}, "grid": [...]}``; ties go to the smaller weight and bonus.
+    """
+    model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
+    model.eval()
+    if model.ctc is None:
+        raise ValueError("LM fusion decodes with the CTC head; this model has none")
+    lm.check_tokenizer(model.tokenizer)
+    dataset = ManifestDataset(manifest)
+    normalizer = model.tokenizer.normalizer
+    posteriors, references = [], []
+    with torch_threads(threads), torch.inference_mode():
+        for batch in duration_batches(dataset.entries, batch_seconds):
+            items = [dataset[i] for i in batch]
+            audio, lengths = pad_waveforms([item["audio"] for item in items])
+            encoded = model.encode(audio, lengths)
+            posteriors.append((model.ctc.log_probs(encoded.output), encoded.lengths))
+            references += [normalizer(dataset.entries[i].text or "") for i in batch]
+    grid = []
+    for weight in weights:
+        for bonus in bonuses if weight > 0 else (0.0,):
+            fusion = LMFusion(lm, weight, bonus) if weight > 0 else None
+            hypotheses = []
+            for log_probs, lengths in posteriors:
+                found = ctc_prefix_beam_search(log_probs, lengths, beam_size, fusion=fusion)
+                hypotheses += [model.tokenizer.decode(h.tokens) for h in found]
+            rates = corpus_error_rates(references, hypotheses)
+            grid.append({"weight": weight, "length_bonus": bonus,
+                         "wer": round(rates["wer"], 4), "cer": round(rates["cer"], 4)})
+    best = min(grid, key=lambda row: (row["wer"], row["cer"], row["weight"], row["length_bonus"]))
+    return {"best": best, "grid": grid, "utterances": len(references), "beam_size": beam_size}
+
+
 __all__ = ["ConfigError", "DataConfig", "RunConfig", "TrainingConfig", "evaluate",
-           "load_run_config", "train"]
+           "load_run_config", "train", "tune_fusion"]
