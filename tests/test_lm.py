@@ -140,3 +140,36 @@ def test_fusion_needs_ctc_beam(tokenizer):
         model.infer(audio, lengths, method="ctc_greedy", fusion=LMFusion(lm))
     hypotheses = model.infer(audio, lengths, method="ctc_beam", fusion=LMFusion(lm))
     assert len(hypotheses) == 2
+
+
+def test_lm_command_trains_tunes_and_evaluate_uses_it(tmp_path, tiny_corpus, capsys):
+    """`asrkd lm --tune` stores the tuned weight; `asrkd evaluate --lm` and `infer --lm` use it."""
+    import json
+
+    from test_e2e import tiny_config
+
+    from asrkd.cli import main
+    from asrkd.models.e2e_asr import build_model, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(build_model(tiny_config("none"), CharTokenizer.english()), tmp_path / "m.ckpt")
+    lm_path = tmp_path / "lm.json"
+    assert main(["lm", "--ckpt", str(tmp_path / "m.ckpt"), "--manifest",
+                 str(tiny_corpus / "train.jsonl"), "--order", "4", "--tune",
+                 str(tiny_corpus / "val.jsonl"), "--beam-size", "2", "--out",
+                 str(lm_path)]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity on" in out and "best on" in out
+    stored = NGramLM.load(lm_path)
+    assert stored.order == 4 and stored.fusion["tuned_on"].endswith("val.jsonl")
+    assert main(["evaluate", "--ckpt", str(tmp_path / "m.ckpt"), "--manifest",
+                 str(tiny_corpus / "test.jsonl"), "--lm", str(lm_path), "--lm-weight", "0.3",
+                 "--json", str(tmp_path / "m.json")]) == 0
+    assert "weight 0.3" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    assert metrics["method"] == "ctc_beam" and metrics["lm"]["weight"] == 0.3
+    wav = sorted((tiny_corpus / "wav" / "test").glob("*.wav"))[0]
+    assert main(["infer", "--ckpt", str(tmp_path / "m.ckpt"), "--lm", str(lm_path),
+                 str(wav)]) == 0
+    assert main(["evaluate", "--ckpt", str(tmp_path / "m.ckpt"), "--lm-weight", "0.3"]) == 2
+    assert "--lm-weight and --length-bonus need --lm" in capsys.readouterr().err

@@ -251,7 +251,8 @@ def _prefix_beam_search_one(
     # prefix -> [log P(prefix, ends in blank), log P(prefix, ends in non-blank), timestamps,
     #            best single contribution (used to pick the timestamps of merged paths)]
     beam: dict[tuple[int, ...], list] = {(): [0.0, NEG_INF, (), 0.0]}
-    # prefix -> (fusion score of the prefix, LM state); depends on the prefix only.
+    # prefix -> (fusion score of the prefix, LM state); depends on the prefix only, so it is
+    # kept for the whole utterance (the same extensions come back frame after frame).
     lm_scores: dict[tuple[int, ...], tuple[float, tuple[int, ...]]] = {}
     if fusion is not None:
         lm_scores[()] = (0.0, fusion.lm.initial_state())
@@ -307,8 +308,6 @@ def _prefix_beam_search_one(
                 add(prefix + (c,), NEG_INF, ext, ts + (t,), ext)
         ranked = sorted(nxt.items(), key=rank, reverse=True)
         beam = dict(ranked[:beam_size])
-        if fusion is not None:  # rank() scored every candidate; keep the survivors' scores
-            lm_scores = {prefix: lm_scores[prefix] for prefix in beam}
     if fusion is None:
         return [(prefix, _logaddexp(lp_b, lp_nb), ts)
                 for prefix, (lp_b, lp_nb, ts, _) in beam.items()]

@@ -31,6 +31,9 @@ FORMAT = "asrkd-ngram-1"
 class NGramLM:
     """A token n-gram LM in backoff form.
 
+    Queries are memoised (up to ``MEMO_SIZE`` entries); change the tables only through
+    :meth:`train` or :meth:`load`.
+
     Args:
         order: n (the longest n-gram).
         vocab_size: ids ``0..vocab_size-1`` of the tokenizer it was trained with.
@@ -65,6 +68,7 @@ class NGramLM:
         # Tuned fusion settings stored with the LM (``asrkd lm --tune``): weight, length_bonus,
         # and what they were tuned on.
         self.fusion = fusion
+        self._memo: dict[tuple[tuple[int, ...], int], float] = {}
 
     # --- training ---------------------------------------------------------------------------
 
@@ -157,12 +161,25 @@ class NGramLM:
 
     # --- queries ----------------------------------------------------------------------------
 
+    MEMO_SIZE = 1 << 20
+
     def initial_state(self) -> tuple[int, ...]:
         """The context of a sentence's first token."""
         return (self.bos_id,) * (self.order - 1)
 
     def log_prob(self, state: tuple[int, ...], token: int) -> float:
-        """log P(token | state), ``state`` the last ``order - 1`` tokens (<s>-padded)."""
+        """log P(token | state), ``state`` the last ``order - 1`` tokens (<s>-padded).
+
+        Memoised: beam search asks for the same few contexts over and over."""
+        key = (state, token)
+        value = self._memo.get(key)
+        if value is None:
+            if len(self._memo) >= self.MEMO_SIZE:
+                self._memo.clear()
+            value = self._memo[key] = self._log_prob(state, token)
+        return value
+
+    def _log_prob(self, state: tuple[int, ...], token: int) -> float:
         backoff = 0.0
         context = state
         while True:
