@@ -129,6 +129,58 @@ def test_fused_score_is_ctc_plus_weighted_lm(tokenizer):
     assert found.score == pytest.approx(best_score, abs=1e-4)
 
 
+def test_unknown_word_penalty_is_exact_and_fixes_spelling():
+    """With a word penalty the fused search maximises CTC + w LM + b |y| - p (#unknown
+    words) over every label sequence; and it picks the known spelling of an ambiguous word."""
+    from asrkd.models.ctc import ctc_sequence_log_prob
+
+    small = CharTokenizer(list("ab "))
+    torch.manual_seed(3)
+    log_probs = torch.log_softmax(torch.randn(1, 5, small.vocab_size) * 2, dim=-1)
+    lengths = torch.tensor([5])
+    lm = train_lm(["ab a", "b ab", "a"], small, order=2)
+    assert lm.words == {"a", "ab", "b"} and lm.word_prefixes == {"a", "ab", "b"}
+    fusion = LMFusion(lm, weight=0.3, length_bonus=0.2, unk_penalty=2.0)
+    found = ctc_prefix_beam_search(log_probs, lengths, beam_size=400,
+                                   prune_topk=small.vocab_size, fusion=fusion)[0]
+    symbols = [small.token_to_id[ch] for ch in "ab "]
+    best, best_score = None, -math.inf
+    for n in range(0, 6):
+        for seq in itertools.product(symbols, repeat=n):
+            ctc = float(ctc_sequence_log_prob(log_probs, lengths, torch.tensor([list(seq) or [0]]),
+                                              torch.tensor([n]))[0])
+            unknown = sum(w not in lm.words for w in small.decode(list(seq)).split())
+            score = ctc + 0.3 * lm.sentence_log_prob(list(seq)) + 0.2 * n - 2.0 * unknown
+            if score > best_score:
+                best, best_score = list(seq), score
+    assert found.tokens == best
+    assert found.score == pytest.approx(best_score, abs=1e-4)
+    with pytest.raises(ValueError, match="training words"):
+        LMFusion(NGramLM(lm.order, lm.vocab_size, lm.bos_id, lm.eos_id, lm.log_probs,
+                         lm.backoffs), unk_penalty=1.0)
+
+
+def test_word_pieces_follow_word_boundaries():
+    from asrkd.data.tokenizer import build_tokenizer
+
+    char = CharTokenizer.english()
+    pieces = char.word_pieces()
+    assert len(pieces) == char.vocab_size
+    assert [pieces[i] for i in char.encode("ab c")] == [(False, "a"), (False, "b"), (True, ""),
+                                                        (False, "c")]
+    bpe = build_tokenizer("bpe", TEXTS * 4, vocab_size=40)
+    pieces = bpe.word_pieces()
+    assert len(pieces) == bpe.vocab_size
+    words, word = [], ""
+    for token in bpe.encode("the cat sat"):
+        starts, text = pieces[token]
+        if starts and word:
+            words.append(word)
+            word = ""
+        word += text
+    assert words + [word] == ["the", "cat", "sat"]
+
+
 def test_fusion_needs_ctc_beam(tokenizer):
     from asrkd.models.e2e_asr import build_model
     from test_e2e import random_batch, tiny_config
@@ -146,17 +198,16 @@ def test_lm_command_trains_tunes_and_evaluate_uses_it(tmp_path, tiny_corpus, cap
     """`asrkd lm --tune` stores the tuned weight; `asrkd evaluate --lm` and `infer --lm` use it."""
     import json
 
-    from test_e2e import tiny_config
-
     from asrkd.cli import main
     from asrkd.models.e2e_asr import build_model, save_checkpoint
+    from test_e2e import tiny_config
 
     torch.manual_seed(0)
     save_checkpoint(build_model(tiny_config("none"), CharTokenizer.english()), tmp_path / "m.ckpt")
     lm_path = tmp_path / "lm.json"
     assert main(["lm", "--ckpt", str(tmp_path / "m.ckpt"), "--manifest",
                  str(tiny_corpus / "train.jsonl"), "--order", "4", "--tune",
-                 str(tiny_corpus / "val.jsonl"), "--beam-size", "2", "--out",
+                 str(tiny_corpus / "val.jsonl"), "--beam-size", "2", "--words", "--out",
                  str(lm_path)]) == 0
     out = capsys.readouterr().out
     assert "perplexity on" in out and "best on" in out
@@ -172,4 +223,4 @@ def test_lm_command_trains_tunes_and_evaluate_uses_it(tmp_path, tiny_corpus, cap
     assert main(["infer", "--ckpt", str(tmp_path / "m.ckpt"), "--lm", str(lm_path),
                  str(wav)]) == 0
     assert main(["evaluate", "--ckpt", str(tmp_path / "m.ckpt"), "--lm-weight", "0.3"]) == 2
-    assert "--lm-weight and --length-bonus need --lm" in capsys.readouterr().err
+    assert "--lm-weight, --length-bonus and --unk-penalty need --lm" in capsys.readouterr().err

@@ -82,12 +82,13 @@ def cmd_train(args: argparse.Namespace) -> None:
 def _fusion(args: argparse.Namespace):  # noqa: ANN202
     """The LMFusion that --lm/--lm-weight/--length-bonus ask for, or None."""
     if not getattr(args, "lm", None):
-        if args.lm_weight is not None or args.length_bonus is not None:
-            raise ValueError("--lm-weight and --length-bonus need --lm")
+        if any(v is not None for v in (args.lm_weight, args.length_bonus, args.unk_penalty)):
+            raise ValueError("--lm-weight, --length-bonus and --unk-penalty need --lm")
         return None
     from asrkd.models.lm import NGramLM
 
-    return NGramLM.load(args.lm).fusion_settings(args.lm_weight, args.length_bonus)
+    return NGramLM.load(args.lm).fusion_settings(args.lm_weight, args.length_bonus,
+                                                 args.unk_penalty)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
@@ -100,7 +101,8 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     )
     if fusion is not None:
         print(f"LM: {args.lm} (order {fusion.lm.order}), weight {fusion.weight:g}, "
-              f"length bonus {fusion.length_bonus:g}")
+              f"length bonus {fusion.length_bonus:g}, unknown-word penalty "
+              f"{fusion.unk_penalty:g}")
     print(
         f"WER {100 * metrics['wer']:.2f}%  CER {100 * metrics['cer']:.2f}%  "
         f"(S {metrics['substitutions']}, D {metrics['deletions']}, I {metrics['insertions']} "
@@ -130,16 +132,19 @@ def cmd_lm(args: argparse.Namespace) -> None:
     if args.tune:
         held_out = [model.tokenizer.encode(e.text) for e in read_manifest(args.tune)[0] if e.text]
         print(f"perplexity on {args.tune}: {lm.perplexity(held_out):.2f} per token")
-        result = tune_fusion(model, args.tune, lm, beam_size=args.beam_size)
+        result = tune_fusion(model, args.tune, lm, beam_size=args.beam_size,
+                             penalties=(0.0, 5.0) if args.words else (0.0,))
         for row in result["grid"]:
             print(f"  weight {row['weight']:.1f}  bonus {row['length_bonus']:.1f}  "
+                  f"penalty {row['unk_penalty']:.0f}  "
                   f"WER {100 * row['wer']:.2f}%  CER {100 * row['cer']:.2f}%")
         best = result["best"]
         lm.fusion = {"weight": best["weight"], "length_bonus": best["length_bonus"],
-                     "tuned_on": str(args.tune), "wer": best["wer"], "cer": best["cer"],
-                     "beam_size": args.beam_size}
+                     "unk_penalty": best["unk_penalty"], "tuned_on": str(args.tune),
+                     "wer": best["wer"], "cer": best["cer"], "beam_size": args.beam_size}
         print(f"best on {args.tune}: weight {best['weight']:g}, length bonus "
-              f"{best['length_bonus']:g} (WER {100 * best['wer']:.2f}%), stored in {args.out}")
+              f"{best['length_bonus']:g}, unknown-word penalty {best['unk_penalty']:g} "
+              f"(WER {100 * best['wer']:.2f}%), stored in {args.out}")
     lm.save(args.out)
     print(f"wrote {args.out}")
 
@@ -270,6 +275,9 @@ def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
                         help="LM weight (default: the tuned one stored with the LM)")
     parser.add_argument("--length-bonus", type=float, default=None,
                         help="score added per token (default: the tuned one)")
+    parser.add_argument("--unk-penalty", type=float, default=None,
+                        help="score taken per word outside the LM's training words "
+                        "(default: the tuned one)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -327,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     lm.add_argument("--order", type=int, default=6, help="n-gram order (default: %(default)s)")
     lm.add_argument("--tune", default=None, help="validation manifest for the weight search")
     lm.add_argument("--beam-size", type=int, default=8)
+    lm.add_argument("--words", action="store_true",
+                    help="also tune a penalty for words outside the training text's words")
     lm.add_argument("--out", required=True, help="LM file (JSON)")
     lm.set_defaults(func=cmd_lm)
 

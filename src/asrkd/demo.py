@@ -50,6 +50,7 @@ class DemoPlan:
     lm_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
     lm_bonuses: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
     lm_beam_size: int = 8
+    lm_penalties: tuple[float, ...] = (0.0,)  # unknown-word penalties (LMFusion.unk_penalty)
 
 
 # The test split is also scored with a character 6-gram LM of the training sentences (a
@@ -165,9 +166,10 @@ def _lm_stage(name: str, plan: DemoPlan, corpus: Path, exp: Path, report_dir: Pa
 
     out = report_dir / f"{name}_test_lm.json"
     checkpoint = exp / name / "model.ckpt"
-    if reuse and out.is_file() and json.loads(out.read_text()).get("lm", {}).get(
-        "order"
-    ) == plan.lm_order:
+    settings = {"order": plan.lm_order, "weights": list(plan.lm_weights),
+                "bonuses": list(plan.lm_bonuses), "penalties": list(plan.lm_penalties),
+                "beam_size": plan.lm_beam_size}
+    if reuse and out.is_file() and json.loads(out.read_text()).get("plan") == settings:
         return json.loads(out.read_text())
     model = load_checkpoint(checkpoint)
     lm_path = exp / name / f"lm{plan.lm_order}.json"
@@ -179,17 +181,17 @@ def _lm_stage(name: str, plan: DemoPlan, corpus: Path, exp: Path, report_dir: Pa
     perplexity = lm.perplexity(held_out)
     console.print(f"{name}: {lm!r}, validation perplexity {perplexity:.2f}; tuning on {val}")
     tuned = tune_fusion(model, val, lm, weights=plan.lm_weights, bonuses=plan.lm_bonuses,
-                        beam_size=plan.lm_beam_size)
+                        beam_size=plan.lm_beam_size, penalties=plan.lm_penalties)
     best = tuned["best"]
     lm.fusion = {"weight": best["weight"], "length_bonus": best["length_bonus"],
-                 "tuned_on": str(val), "wer": best["wer"], "cer": best["cer"],
-                 "beam_size": plan.lm_beam_size}
+                 "unk_penalty": best["unk_penalty"], "tuned_on": str(val), "wer": best["wer"],
+                 "cer": best["cer"], "beam_size": plan.lm_beam_size}
     lm.save(lm_path)
     tune_seconds = time.perf_counter() - start
     plain = next(r for r in tuned["grid"] if r["weight"] == 0.0) if 0.0 in plan.lm_weights \
         else None
     console.print(f"evaluating {name} with the LM (weight {best['weight']:g}, bonus "
-                  f"{best['length_bonus']:g})")
+                  f"{best['length_bonus']:g}, unknown-word penalty {best['unk_penalty']:g})")
     metrics = evaluate(
         model, corpus / "test.jsonl", method="ctc_beam",
         out_jsonl=report_dir / f"{name}_test_lm_utterances.jsonl", threads=2,
@@ -199,6 +201,7 @@ def _lm_stage(name: str, plan: DemoPlan, corpus: Path, exp: Path, report_dir: Pa
                           "val_wer": best["wer"], "val_cer": best["cer"],
                           "val_wer_ctc_beam": plain["wer"] if plain else None,
                           "tune_seconds": round(tune_seconds, 1), "grid": tuned["grid"]})
+    metrics["plan"] = settings
     out.write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -297,18 +300,20 @@ def _report(report_dir: Path, metrics: dict, corpus_stats: dict, plots: list[str
             "", f"## With a token {order}-gram LM", "",
             f"Kneser-Ney {order}-gram over the models' tokens, trained on the training "
             "transcripts only (`asrkd lm`), fused into CTC prefix beam search (beam "
-            f"{teacher['lm']['beam_size']}); LM weight and per-token bonus grid-searched for each "
-            "model on the validation split, then the test split scored once. RTFx here is one "
-            "timed pass (the beam search is Python).", "",
-            "| model | LM weight | bonus | val WER % (beam, no LM) | val WER % (LM) | "
-            "test WER % | test CER % | RTFx |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|",
+            f"{teacher['lm']['beam_size']}); LM weight, per-token bonus and the penalty per word "
+            "outside the training transcripts' words grid-searched for each model on the "
+            "validation split, then the test split scored once. RTFx here is one timed pass "
+            "(the beam search is Python).", "",
+            "| model | LM weight | bonus | word penalty | val WER % (beam, no LM) | "
+            "val WER % (LM) | test WER % | test CER % | RTFx |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for name in MODELS:
             lm = metrics[name]["lm"]
             plain = lm.get("val_wer_ctc_beam")
             lines.append(
                 f"| {name} | {lm['weight']:g} | {lm['length_bonus']:g} | "
+                f"{lm.get('unk_penalty', 0.0):g} | "
                 f"{'' if plain is None else f'{100 * plain:.2f}'} | {100 * lm['val_wer']:.2f} | "
                 f"{100 * lm['wer']:.2f} | {100 * lm['cer']:.2f} | {lm['rtfx']:.0f} |"
             )
@@ -402,6 +407,7 @@ def run_demo(
             metrics[name]["lm"] = {
                 "order": fused["lm"]["order"], "weight": fused["lm"]["weight"],
                 "length_bonus": fused["lm"]["length_bonus"],
+                "unk_penalty": fused["lm"].get("unk_penalty", 0.0),
                 "beam_size": plan.lm_beam_size, "wer": fused["wer"], "cer": fused["cer"],
                 "rtfx": fused["rtfx"], "val_wer": fused["lm"]["val_wer"],
                 "val_wer_ctc_beam": fused["lm"]["val_wer_ctc_beam"],

@@ -122,6 +122,11 @@ class Tokenizer(ABC):
         """Characters/pieces of normalised ``text`` the tokenizer maps to ``<unk>``."""
         return set()
 
+    def word_pieces(self) -> list[tuple[bool, str]]:
+        """Per id, ``(starts a new word, text it adds to the word)``: what a decoder needs to
+        follow word boundaries in a token sequence (special ids add nothing)."""
+        raise NotImplementedError(f"{type(self).__name__} does not describe its word pieces")
+
 
 class CharTokenizer(Tokenizer):
     """One id per character (space included) of the normalised text."""
@@ -159,6 +164,12 @@ class CharTokenizer(Tokenizer):
 
     def unknown_symbols(self, text: str) -> set[str]:
         return {ch for ch in self.normalizer(text) if ch not in self.token_to_id}
+
+    def word_pieces(self) -> list[tuple[bool, str]]:
+        # The space ends a word; the next character starts the next one.
+        return [(False, "")] * len(SPECIAL_TOKENS) + [
+            (True, "") if s.isspace() else (False, s) for s in self.symbols
+        ]
 
     def to_dict(self) -> dict:
         return {
@@ -229,6 +240,13 @@ class SentencePieceTokenizer(Tokenizer):
     def unknown_symbols(self, text: str) -> set[str]:
         pieces = self.processor.encode(self.normalizer(text), out_type=str)
         return {p for p in pieces if self.processor.piece_to_id(p) == 0}
+
+    def word_pieces(self) -> list[tuple[bool, str]]:
+        pieces = [(False, "")] * len(SPECIAL_TOKENS)
+        for i in range(1, self.processor.get_piece_size()):
+            piece = self.processor.id_to_piece(i)
+            pieces.append((piece.startswith("\u2581"), piece.lstrip("\u2581")))
+        return pieces
 
     def to_dict(self) -> dict:
         import base64

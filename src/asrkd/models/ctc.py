@@ -241,8 +241,9 @@ def _prefix_beam_search_one(
         blank_id: CTC blank index.
         prune_topk: tokens per frame considered for *extending* a prefix.
         fusion: shallow fusion with a token LM: prefixes are ranked by their CTC log-prob
-            plus ``weight * log P_lm(prefix) + length_bonus * len(prefix)``, and finished ones
-            also score ``weight * log P_lm(</s> | prefix)``.
+            plus ``weight * log P_lm(prefix) + length_bonus * len(prefix)`` minus
+            ``unk_penalty`` per word outside the LM's training words, and finished ones also
+            score ``weight * log P_lm(</s> | prefix)``.
 
     Returns:
         Up to ``beam_size`` ``(prefix, score, timestamps)`` sorted best first; ``score`` is the
@@ -253,17 +254,34 @@ def _prefix_beam_search_one(
     beam: dict[tuple[int, ...], list] = {(): [0.0, NEG_INF, (), 0.0]}
     # prefix -> (fusion score of the prefix, LM state); depends on the prefix only, so it is
     # kept for the whole utterance (the same extensions come back frame after frame).
-    lm_scores: dict[tuple[int, ...], tuple[float, tuple[int, ...]]] = {}
+    # With a word penalty each entry also follows the last (partial) word: its text and
+    # whether it has already been penalised.
+    lm_scores: dict[tuple[int, ...], tuple[float, tuple[int, ...], str, bool]] = {}
+    penalty = fusion.unk_penalty if fusion is not None else 0.0
     if fusion is not None:
-        lm_scores[()] = (0.0, fusion.lm.initial_state())
+        lm_scores[()] = (0.0, fusion.lm.initial_state(), "", False)
+        if penalty:
+            pieces, words, stems = (fusion.lm.word_pieces(), fusion.lm.words,
+                                    fusion.lm.word_prefixes)
 
     def lm_score(prefix: tuple[int, ...]) -> float:
         cached = lm_scores.get(prefix)
         if cached is None:
-            before, state = lm_scores[prefix[:-1]]
-            value, state = fusion.lm.score(state, prefix[-1])
-            cached = (before + fusion.weight * value + fusion.length_bonus, state)
-            lm_scores[prefix] = cached
+            before, state, word, penalised = lm_scores[prefix[:-1]]
+            token = prefix[-1]
+            value, state = fusion.lm.score(state, token)
+            score = before + fusion.weight * value + fusion.length_bonus
+            if penalty:
+                starts, text = pieces[token]
+                if starts:
+                    if word and not penalised and word not in words:
+                        score -= penalty
+                    word, penalised = text, False
+                else:
+                    word += text
+                if word and not penalised and word not in stems:
+                    score, penalised = score - penalty, True
+            cached = lm_scores[prefix] = (score, state, word, penalised)
         return cached[0]
 
     def rank(item) -> float:
@@ -313,8 +331,10 @@ def _prefix_beam_search_one(
                 for prefix, (lp_b, lp_nb, ts, _) in beam.items()]
     finished = []
     for prefix, (lp_b, lp_nb, ts, _) in beam.items():
-        score, state = lm_scores[prefix]
+        score, state, word, penalised = lm_scores[prefix]
         end = fusion.weight * fusion.lm.log_prob(state, fusion.lm.eos_id)
+        if penalty and word and not penalised and word not in words:
+            end -= penalty
         finished.append((prefix, _logaddexp(lp_b, lp_nb) + score + end, ts))
     return sorted(finished, key=lambda item: item[1], reverse=True)
 

@@ -54,6 +54,7 @@ class NGramLM:
         tokenizer: dict | None = None,
         unigram_floor: float | None = None,
         fusion: dict | None = None,
+        words: Iterable[str] | None = None,
     ) -> None:
         self.order = order
         self.vocab_size = vocab_size
@@ -69,6 +70,10 @@ class NGramLM:
         # and what they were tuned on.
         self.fusion = fusion
         self._memo: dict[tuple[tuple[int, ...], int], float] = {}
+        # The words of the training text: the lexicon of LMFusion.unk_penalty.
+        self.words = frozenset(words or ())
+        self.word_prefixes = frozenset(w[:i] for w in self.words for i in range(1, len(w) + 1))
+        self._word_pieces: list[tuple[bool, str]] | None = None
 
     # --- training ---------------------------------------------------------------------------
 
@@ -161,6 +166,16 @@ class NGramLM:
 
     # --- queries ----------------------------------------------------------------------------
 
+    def word_pieces(self) -> list[tuple[bool, str]]:
+        """Per token id, ``(starts a word, text)``, from the tokenizer the LM was trained with."""
+        if self._word_pieces is None:
+            if self.tokenizer is None:
+                raise ValueError("this LM stores no tokenizer, so it cannot follow words")
+            from asrkd.data.tokenizer import tokenizer_from_dict
+
+            self._word_pieces = tokenizer_from_dict(self.tokenizer).word_pieces()
+        return self._word_pieces
+
     MEMO_SIZE = 1 << 20
 
     def initial_state(self) -> tuple[int, ...]:
@@ -233,6 +248,7 @@ class NGramLM:
             "unigram_floor": self.unigram_floor,
             "tokenizer": self.tokenizer,
             "fusion": self.fusion,
+            "words": sorted(self.words),
             "log_probs": grams,
             "backoffs": [[*context, round(value, 6)] for context, value in self.backoffs.items()],
         }
@@ -259,18 +275,21 @@ class NGramLM:
         backoffs = {tuple(int(t) for t in row[:-1]): float(row[-1]) for row in payload["backoffs"]}
         return cls(order, int(payload["vocab_size"]), int(payload["bos_id"]),
                    int(payload["eos_id"]), log_probs, backoffs, payload.get("tokenizer"),
-                   float(payload["unigram_floor"]), payload.get("fusion"))
+                   float(payload["unigram_floor"]), payload.get("fusion"),
+                   payload.get("words"))
 
-    def fusion_settings(self, weight: float | None = None,
-                        length_bonus: float | None = None) -> LMFusion:
+    def fusion_settings(self, weight: float | None = None, length_bonus: float | None = None,
+                        unk_penalty: float | None = None) -> LMFusion:
         """An :class:`LMFusion` with the given settings, else the stored tuned ones, else
-        weight 0.5 and bonus 0 (untuned: tune them on validation data)."""
+        weight 0.5, bonus 0, no word penalty (untuned: tune them on validation data)."""
         stored = self.fusion or {}
-        return LMFusion(
-            self,
-            float(weight if weight is not None else stored.get("weight", 0.5)),
-            float(length_bonus if length_bonus is not None else stored.get("length_bonus", 0.0)),
-        )
+
+        def pick(value: float | None, key: str, default: float) -> float:
+            return float(value if value is not None else stored.get(key, default))
+
+        return LMFusion(self, pick(weight, "weight", 0.5),
+                        pick(length_bonus, "length_bonus", 0.0),
+                        pick(unk_penalty, "unk_penalty", 0.0))
 
     def check_tokenizer(self, tokenizer) -> None:
         """Raise ValueError unless ``tokenizer`` is the one this LM was trained with."""
@@ -292,20 +311,32 @@ class LMFusion:
     """Shallow fusion settings for CTC prefix beam search.
 
     ``weight`` scales the LM log-probabilities; ``length_bonus`` is added per emitted token
-    (it offsets the LM's preference for short outputs).
+    (it offsets the LM's preference for short outputs). ``unk_penalty`` is subtracted once
+    for every word that is not a word of the LM's training text (pyctcdecode's
+    ``unk_score_offset``): as soon as a partial word is no prefix of a known word, or when a
+    word that is a prefix ends; 0 leaves spelling to the token LM alone.
     """
 
     lm: NGramLM
     weight: float = 0.5
     length_bonus: float = 0.0
+    unk_penalty: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.unk_penalty and not self.lm.words:
+            raise ValueError("unk_penalty needs an LM that stores its training words")
 
 
 def train_lm(texts: Iterable[str], tokenizer, order: int = 6) -> NGramLM:
     """An :class:`NGramLM` over ``tokenizer``'s ids of ``texts`` (normalised by it)."""
+    texts = list(texts)
     sentences = [tokenizer.encode(text) for text in texts]
     sentences = [s for s in sentences if s]
-    return NGramLM.train(sentences, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
-                         order=order, tokenizer=tokenizer.to_dict())
+    lm = NGramLM.train(sentences, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
+                       order=order, tokenizer=tokenizer.to_dict())
+    words = {word for text in texts for word in tokenizer.decode(tokenizer.encode(text)).split()}
+    return NGramLM(lm.order, lm.vocab_size, lm.bos_id, lm.eos_id, lm.log_probs, lm.backoffs,
+                   lm.tokenizer, lm.unigram_floor, words=words)
 
 
 __all__ = ["LMFusion", "NGramLM", "train_lm"]

@@ -322,7 +322,8 @@ def evaluate(
             "rtfx": round(audio_seconds / max(compute, 1e-9), 1),
             "method": method or model.default_method(),
             **({"lm": {"order": fusion.lm.order, "weight": fusion.weight,
-                       "length_bonus": fusion.length_bonus}} if fusion is not None else {}),
+                       "length_bonus": fusion.length_bonus, "unk_penalty": fusion.unk_penalty}}
+               if fusion is not None else {}),
             "threads": threads,
             "timing": f"fastest of at least {max(1, timing_repeats)} timed runs per batch (and"
                       f" at least {timing_seconds:g} s of them)",
@@ -346,12 +347,15 @@ def tune_fusion(
     beam_size: int = 8,
     batch_seconds: float = 240.0,
     threads: int | None = 2,
+    penalties: tuple[float, ...] = (0.0,),
 ) -> dict:
-    """Grid-search the LM weight and length bonus for ``ctc_beam`` on a (validation) manifest.
+    """Grid-search the LM weight, length bonus and unknown-word penalty for ``ctc_beam`` on a
+    (validation) manifest.
 
     The acoustic model runs once; each grid point reruns only the beam search over the stored
     CTC log-probs. Weight 0 is plain ``ctc_beam``. Returns ``{"best": {"weight",
-    "length_bonus", "wer", "cer"}, "grid": [...]}``; ties go to the smaller weight and bonus.
+    "length_bonus", "unk_penalty", "wer", "cer"}, "grid": [...]}``; ties go to the smaller
+    settings.
     """
     model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
     model.eval()
@@ -369,17 +373,19 @@ def tune_fusion(
             posteriors.append((model.ctc.log_probs(encoded.output), encoded.lengths))
             references += [normalizer(dataset.entries[i].text or "") for i in batch]
     grid = []
-    for weight in weights:
-        for bonus in bonuses if weight > 0 else (0.0,):
-            fusion = LMFusion(lm, weight, bonus) if weight > 0 else None
-            hypotheses = []
-            for log_probs, lengths in posteriors:
-                found = ctc_prefix_beam_search(log_probs, lengths, beam_size, fusion=fusion)
-                hypotheses += [model.tokenizer.decode(h.tokens) for h in found]
-            rates = corpus_error_rates(references, hypotheses)
-            grid.append({"weight": weight, "length_bonus": bonus,
-                         "wer": round(rates["wer"], 4), "cer": round(rates["cer"], 4)})
-    best = min(grid, key=lambda row: (row["wer"], row["cer"], row["weight"], row["length_bonus"]))
+    points = [(0.0, 0.0, 0.0)] if 0.0 in weights else []
+    points += [(w, b, p) for w in weights if w > 0 for b in bonuses for p in penalties]
+    for weight, bonus, penalty in points:
+        fusion = LMFusion(lm, weight, bonus, penalty) if weight > 0 else None
+        hypotheses = []
+        for log_probs, lengths in posteriors:
+            found = ctc_prefix_beam_search(log_probs, lengths, beam_size, fusion=fusion)
+            hypotheses += [model.tokenizer.decode(h.tokens) for h in found]
+        rates = corpus_error_rates(references, hypotheses)
+        grid.append({"weight": weight, "length_bonus": bonus, "unk_penalty": penalty,
+                     "wer": round(rates["wer"], 4), "cer": round(rates["cer"], 4)})
+    best = min(grid, key=lambda row: (row["wer"], row["cer"], row["weight"], row["length_bonus"],
+                                      row["unk_penalty"]))
     return {"best": best, "grid": grid, "utterances": len(references), "beam_size": beam_size}
 
 
