@@ -86,8 +86,11 @@ class NGramLM:
         eos_id: int,
         order: int = 6,
         tokenizer: dict | None = None,
+        words: Iterable[str] | None = None,
     ) -> NGramLM:
-        """Count n-grams of ``sentences`` (token id lists) and smooth them (interpolated KN)."""
+        """Count n-grams of ``sentences`` (token id lists) and smooth them (interpolated KN).
+
+        ``tokenizer`` (its ``to_dict()``) and ``words`` (the lexicon) are stored with the LM."""
         if order < 1:
             raise ValueError(f"order must be >= 1, not {order}")
         counts: list[dict[tuple[int, ...], int]] = [defaultdict(int) for _ in range(order)]
@@ -162,7 +165,8 @@ class NGramLM:
                 log_probs[k - 1].setdefault(context, {})[gram[-1]] = math.log(p)
             for context, total in totals[k - 1].items():
                 backoffs[context] = math.log(d * followers[k - 1][context] / total)
-        return cls(order, vocab_size, bos_id, eos_id, log_probs, backoffs, tokenizer, floor)
+        return cls(order, vocab_size, bos_id, eos_id, log_probs, backoffs, tokenizer, floor,
+                   words=words)
 
     # --- queries ----------------------------------------------------------------------------
 
@@ -332,11 +336,10 @@ def train_lm(texts: Iterable[str], tokenizer, order: int = 6) -> NGramLM:
     texts = list(texts)
     sentences = [tokenizer.encode(text) for text in texts]
     sentences = [s for s in sentences if s]
-    lm = NGramLM.train(sentences, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
-                       order=order, tokenizer=tokenizer.to_dict())
+    # Words as the recogniser spells them (decode(encode(.)) drops what it cannot write).
     words = {word for text in texts for word in tokenizer.decode(tokenizer.encode(text)).split()}
-    return NGramLM(lm.order, lm.vocab_size, lm.bos_id, lm.eos_id, lm.log_probs, lm.backoffs,
-                   lm.tokenizer, lm.unigram_floor, words=words)
+    return NGramLM.train(sentences, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
+                         order=order, tokenizer=tokenizer.to_dict(), words=words)
 
 
 __all__ = ["LMFusion", "NGramLM", "train_lm"]
