@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from asrkd.demo import DemoPlan, run_demo
+from asrkd.demo import MANY_EPOCH_DROPOUT, DemoPlan, run_demo
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -29,12 +29,8 @@ from prepare import prepare  # noqa: E402
 
 OVERRIDES = [
     "data.speed_factors=[0.9,1.0,1.1]",
-    # Many epochs of a small corpus: dropout 0.1 everywhere, ramped up over the first 40 % of
-    # each stage (DemoPlan.regularization_warmup), instead of the CPU presets' 0.
-    "model.encoder.dropout=0.1",
-    "model.encoder.dropout_att=0.1",
-    "model.encoder.dropout_pre_encoder=0.1",
-    "model.transformer.dropout=0.1",
+    # Many epochs of a small corpus: dropout 0.1, ramped (instead of the CPU presets' 0).
+    *MANY_EPOCH_DROPOUT,
 ]
 FULL = DemoPlan(teacher_steps=2000, student_steps=1500, max_batch_seconds=60.0,
                 val_every_steps=100, warmup_steps=100)

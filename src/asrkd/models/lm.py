@@ -333,11 +333,10 @@ class LMFusion:
 
 def train_lm(texts: Iterable[str], tokenizer, order: int = 6) -> NGramLM:
     """An :class:`NGramLM` over ``tokenizer``'s ids of ``texts`` (normalised by it)."""
-    texts = list(texts)
     sentences = [tokenizer.encode(text) for text in texts]
     sentences = [s for s in sentences if s]
     # Words as the recogniser spells them (decode(encode(.)) drops what it cannot write).
-    words = {word for text in texts for word in tokenizer.decode(tokenizer.encode(text)).split()}
+    words = {word for tokens in sentences for word in tokenizer.decode(tokens).split()}
     return NGramLM.train(sentences, tokenizer.vocab_size, tokenizer.bos_id, tokenizer.eos_id,
                          order=order, tokenizer=tokenizer.to_dict(), words=words)
 
