@@ -108,6 +108,31 @@ def test_fsdd_recipe_quick(tmp_path, fsdd_dir):
         assert (tmp_path / "report" / f"fold_{test_speaker}" / "report.md").is_file()
 
 
+def test_fsdd_prepare_adds_narrowband_an4_to_training_only(tmp_path, fsdd_dir, an4_dir):
+    import importlib.util
+
+    import soundfile as sf
+
+    spec = importlib.util.spec_from_file_location("fsdd_recipe", ROOT / "recipes/fsdd/run.py")
+    recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recipe)
+    prepare = recipe.prepare
+    corpus = tmp_path / "fold" / "manifests"
+    stats = prepare(fsdd_dir, corpus, limit=6, test_speaker="george", an4=an4_dir)
+    rows = {s: [json.loads(x) for x in (corpus / f"{s}.jsonl").read_text().splitlines()]
+            for s in ("train", "val", "test")}
+    an4_speakers = _speakers(an4_dir / "manifest_train.jsonl")
+    added = [r for r in rows["train"] if r["speaker"] in an4_speakers]
+    assert len(added) == 6 and stats["real_train_utterances"] == len(rows["train"]) - 6
+    assert not ({r["speaker"] for r in rows["val"] + rows["test"]} & an4_speakers)
+    for row in added:  # a derived 8 kHz copy under the experiment folder, same text
+        assert Path(row["audio_filepath"]).is_relative_to(tmp_path)
+        info = sf.info(row["audio_filepath"])
+        assert info.samplerate == 8000
+        assert abs(info.duration - row["duration"]) < 0.05
+    assert "AN4" in stats["summary"]
+
+
 def _quick_recipe(tmp_path: Path, script: str, shared: Path, *extra: str) -> dict:
     process = subprocess.run(
         [sys.executable, script, "--quick", "--shared", str(shared), *extra,
