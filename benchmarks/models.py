@@ -15,7 +15,9 @@ and measured on CPU with a fixed thread count (2 by default):
   a batch of 8 x 10 s; best of ``--repeats`` after one warm-up.
 * ``train_peak_rss_mb``: peak resident memory (``VmHWM``) of a fresh process that builds
   the model and runs one training step (forward + loss + backward + AdamW step) on the
-  training batch; ``train_step_rss_mb`` is how much of it the step adds over the built model.
+  training batch (random character targets, ~14 per second); ``train_step_rss_mb`` is how
+  much of it the step adds over the built model. FLOPs, RTFx and peak RSS are measured by the
+  same functions as ``asrkd bench`` (:mod:`asrkd.bench`).
 * ``rtfx``: audio seconds / wall seconds of ``model.infer(..., method="ctc_greedy")`` on
   8 x 10 s (eval mode, one warm-up, best of 3).
 
@@ -30,23 +32,22 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from torch.utils.flop_counter import FlopCounterMode
 
+from asrkd.bench import BenchPlan, count_flops, peak_rss_of_training, rtfx
 from asrkd.data.tokenizer import CharTokenizer
 from asrkd.models.e2e_asr import E2EASR, build_model
 from asrkd.models.presets import PRESETS
 from asrkd.training.losses import ASRLoss
 from asrkd.training.rnnt_loss import rnnt_loss
-from asrkd.utils.timing import best_time, cpu_model, peak_rss_mb
+from asrkd.utils.timing import best_time, cpu_model
 
 SAMPLE_RATE = 16000
 DEFAULT_PRESETS = (
@@ -112,21 +113,6 @@ def make_targets(
     return targets, torch.full((batch,), tokens, dtype=torch.long)
 
 
-def count_flops(model: E2EASR, seconds: float) -> tuple[int, int]:
-    """(total, frontend) FLOPs of an eval-mode forward without targets over 1 x ``seconds``."""
-    audio, lengths = make_audio(1, seconds)
-    model.eval()
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model(audio, lengths)
-    total = counter.get_total_flops()
-    frontend = 0
-    for name, ops in counter.get_flop_counts().items():
-        if name.split(".")[-1] == "frontend" and name.count(".") == 1:
-            frontend += sum(ops.values())
-    return total, frontend
-
-
 def time_training(
     model: E2EASR, tokenizer: CharTokenizer, shapes: Shapes
 ) -> tuple[float, float]:
@@ -153,12 +139,9 @@ def time_training(
 
 def inference_rtfx(model: E2EASR, shapes: Shapes) -> float:
     """Audio seconds per wall second of CTC greedy inference (eval, best of ``infer_repeats``)."""
-    audio, lengths = make_audio(shapes.batch, shapes.seconds, seed=1)
     model.eval()
-    wall = best_time(
-        lambda: model.infer(audio, lengths, method="ctc_greedy"), shapes.infer_repeats
-    )
-    return shapes.batch * shapes.seconds / wall
+    return rtfx(partial(model.infer, method="ctc_greedy"),
+                [make_audio(shapes.batch, shapes.seconds, seed=1)], shapes.infer_repeats)
 
 
 def rnnt_over_ctc(shapes: Shapes) -> dict[str, float]:
@@ -201,48 +184,25 @@ def machine_info(threads: int) -> dict[str, object]:
     }
 
 
-def _train_step_rss(name: str, shapes: Shapes) -> dict[str, float]:
-    """Child process body: build, measure the peak before and after one training step."""
-    tokenizer = CharTokenizer.english()
-    torch.manual_seed(0)
-    model = build_model(PRESETS[name](), tokenizer).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    audio, lengths = make_audio(shapes.batch, shapes.seconds)
-    targets, target_lengths = make_targets(tokenizer, shapes.batch, shapes.target_tokens)
-    before = peak_rss_mb()
-    output = model(audio, lengths, targets, target_lengths)
-    ASRLoss()(output, targets, target_lengths)["total"].backward()
-    optimizer.step()
-    return {"peak": peak_rss_mb(), "added": peak_rss_mb() - before}
-
-
-def train_step_peak_rss(name: str, quick: bool) -> tuple[float, float]:
-    """(peak RSS MB, MB added by the step) of one training step, in a fresh process
-    (the high-water mark only ever grows, so each preset needs its own process)."""
-    command = [sys.executable, __file__, "--rss-child", name,
-               "--threads", str(torch.get_num_threads())] + (["--quick"] if quick else [])
-    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900)
-    result = json.loads(output.stdout.strip().splitlines()[-1])
-    return result["peak"], result["added"]
-
-
-def benchmark_preset(name: str, shapes: Shapes, quick: bool = False) -> dict[str, float]:
+def benchmark_preset(name: str, shapes: Shapes) -> dict[str, float]:
     """Every per-preset measurement for one preset."""
     tokenizer = CharTokenizer.english()
     torch.manual_seed(0)
     model = build_model(PRESETS[name](), tokenizer)
-    flops, frontend_flops = count_flops(model, shapes.flops_seconds)
+    flops = count_flops(model, shapes.flops_seconds)
     forward_s, forward_backward_s = time_training(model, tokenizer, shapes)
-    peak_rss, step_rss = train_step_peak_rss(name, quick)
+    rss = peak_rss_of_training(f"preset:{name}", BenchPlan(train_batch=shapes.batch,
+                                                          train_seconds=shapes.seconds),
+                               torch.get_num_threads())
     return {
         "params": model.num_parameters(),
-        "flops_per_audio_second": flops / shapes.flops_seconds,
-        "frontend_flops_share": frontend_flops / flops if flops else 0.0,
+        "flops_per_audio_second": flops["total"] / shapes.flops_seconds,
+        "frontend_flops_share": flops["frontend"] / flops["total"] if flops["total"] else 0.0,
         "forward_s": forward_s,
         "forward_backward_s": forward_backward_s,
         "rtfx": inference_rtfx(model, shapes),
-        "train_peak_rss_mb": round(peak_rss, 1),
-        "train_step_rss_mb": round(step_rss, 1),
+        "train_peak_rss_mb": rss["peak_mb"],
+        "train_step_rss_mb": rss["step_mb"],
     }
 
 
@@ -285,7 +245,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="timed runs of fwd and fwd+bwd")
-    parser.add_argument("--rss-child", help=argparse.SUPPRESS)  # see train_step_peak_rss
     args = parser.parse_args(argv)
 
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
@@ -293,11 +252,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     if unknown:
         parser.error(f"unknown presets {unknown}; choose from {', '.join(PRESETS)}")
     shapes = Shapes.quick() if args.quick else Shapes()
-    if args.rss_child:
-        torch.set_num_threads(args.threads)
-        result = _train_step_rss(args.rss_child, shapes)
-        print(json.dumps(result))
-        return result
     if args.repeats:
         shapes = Shapes(**{**shapes.__dict__, "repeats": args.repeats})
 
@@ -305,7 +259,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     torch.set_num_threads(args.threads)
     try:
         load_before = list(os.getloadavg())
-        results = {name: benchmark_preset(name, shapes, args.quick) for name in names}
+        results = {name: benchmark_preset(name, shapes) for name in names}
         loss = rnnt_over_ctc(shapes)
         machine = machine_info(args.threads)
         machine["loadavg_before"] = load_before

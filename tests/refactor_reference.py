@@ -6,7 +6,8 @@ every ASR loss part, every KD loss part (``ctc_kl``, ``token_kl``, ``rnnt_kl``, 
 and the transcripts of every decoding method, for a hybrid CTC/attention pair and a
 CTC/RNN-T pair. ``tests/test_refactor_invariance.py`` recomputes them with the code of the
 day. Only :func:`measure` touches the library's API, so after an API change it is the one
-place to adapt; the recorded numbers stay.
+place to adapt (it did: ``KDWrapper.from_config`` became ``build_kd``); the recorded numbers
+stay.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ TEXTS = ("hello there", "hi")
 
 
 def _config(decoder: str, width: int, layers: int):
-    from asrkd.models.e2e_asr import ModelConfig, RNNTSettings, TransformerSettings
+    from asrkd.models.e2e_asr import ModelConfig
     from asrkd.models.encoder import FastConformerConfig
     from asrkd.models.frontend import ResNet1DConfig
+    from asrkd.models.rnnt import RNNTConfig
+    from asrkd.models.transformer_decoder import TransformerDecoderConfig
 
     return ModelConfig(
         frontend=ResNet1DConfig(channels=(16,), strides=(1,)),
@@ -38,9 +41,9 @@ def _config(decoder: str, width: int, layers: int):
             dropout_pre_encoder=0.0, dropout_att=0.0, conv_kernel=5,
         ),
         decoder=decoder,
-        transformer=TransformerSettings(d_model=width, n_heads=2, n_layers=1,
+        transformer=TransformerDecoderConfig(d_model=width, n_heads=2, n_layers=1,
                                         ff_dim=2 * width, dropout=0.0),
-        rnnt=RNNTSettings(pred_dim=width, joint_dim=width, dropout=0.0),
+        rnnt=RNNTConfig(pred_dim=width, joint_dim=width, dropout=0.0),
         spec_augment=None,
     )
 
@@ -76,8 +79,8 @@ def batch(tokenizer) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
 
 def measure(folder: Path = HERE) -> dict:
     """Loss parts and transcripts of both pairs on :func:`batch` (the library's API here)."""
-    from asrkd.models.distillation import KDConfig, KDWrapper
     from asrkd.models.e2e_asr import load_checkpoint
+    from asrkd.training.distillation import KDConfig, build_kd
     from asrkd.training.losses import ASRLoss
 
     torch.manual_seed(0)
@@ -89,8 +92,7 @@ def measure(folder: Path = HERE) -> dict:
         with torch.no_grad():
             asr = ASRLoss()(student(audio, lengths, targets, target_lengths), targets,
                             target_lengths)
-            wrapper = KDWrapper.from_config(teacher, student, ASRLoss(),
-                                            KDConfig(losses=kd_losses))
+            wrapper = build_kd(student, ASRLoss(), KDConfig(losses=kd_losses), teacher=teacher)
             kd = wrapper.eval()(audio, lengths, targets, target_lengths)
         result[decoder] = {
             "asr": {k: float(v) for k, v in asr.items()},

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from asrkd.config import ConfigError, from_dict, load_yaml
-from asrkd.modelmodule import OptimConfig
+from asrkd.training.optim import OptimConfig
 from asrkd.training.pipeline import DataConfig, load_run_config
 
 

@@ -9,15 +9,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from asrkd.decoding.attention import attention_beam, attention_beam_nbest, attention_greedy
+from asrkd.decoding.ctc import CTCPrefixScorer, ctc_greedy_decode, ctc_prefix_beam_search
 from asrkd.models.common import Hypothesis
-from asrkd.models.ctc import (
-    CTCConfig,
-    CTCHead,
-    CTCPrefixScorer,
-    ctc_greedy_decode,
-    ctc_prefix_beam_search,
-    ctc_sequence_log_prob,
-)
+from asrkd.models.ctc import CTCConfig, CTCHead, ctc_sequence_log_prob
 from asrkd.models.transformer_decoder import (
     TransformerDecoder,
     TransformerDecoderConfig,
@@ -191,7 +186,8 @@ def test_decoder_shapes_and_causality():
     tlen = torch.tensor([6, 4])
     logits = dec(enc, enc_len, targets, tlen)
     assert logits.shape == (2, 7, V)
-    assert dec.loss(logits, targets, tlen).ndim == 0
+    _, dec_out, dec_len = make_decoder_io(targets, tlen)
+    assert label_smoothed_ce(logits, dec_out, dec_len, 0.1).ndim == 0
     k = 3
     changed = targets.clone()
     changed[:, k] = (changed[:, k] - 5 + 1) % (V - 5) + 5
@@ -214,9 +210,9 @@ def test_decoder_padding_invariance():
         alone = dec(enc[b : b + 1, :n], enc_len[b : b + 1], targets[b : b + 1, :u], tlen[b : b + 1])
         assert torch.allclose(alone[0], batched[b, : u + 1], atol=1e-5)
     # Incremental decoding with the cache gives the teacher-forced logits.
-    hyps = dec.greedy_search(enc, enc_len)
+    hyps = attention_greedy(dec, enc, enc_len)
     singles = [
-        dec.greedy_search(enc[b : b + 1, : int(enc_len[b])], enc_len[b : b + 1])[0]
+        attention_greedy(dec, enc[b : b + 1, : int(enc_len[b])], enc_len[b : b + 1])[0]
         for b in range(3)
     ]
     for h, s in zip(hyps, singles):
@@ -230,9 +226,9 @@ def test_greedy_and_beam_outputs_and_beam_beats_greedy():
     dec = _tiny_decoder().eval()
     enc = torch.randn(4, 9, 24)
     enc_len = torch.tensor([9, 6, 9, 3])
-    greedy = dec.greedy_search(enc, enc_len)
-    beam = dec.beam_search(enc, enc_len, beam_size=4, length_penalty=0.0)
-    nbest = dec.beam_search_nbest(enc, enc_len, beam_size=4, length_penalty=0.0)
+    greedy = attention_greedy(dec, enc, enc_len)
+    beam = attention_beam(dec, enc, enc_len, beam_size=4, length_penalty=0.0)
+    nbest = attention_beam_nbest(dec, enc, enc_len, beam_size=4, length_penalty=0.0)
     for b, (g, h) in enumerate(zip(greedy, beam)):
         assert isinstance(g, Hypothesis) and isinstance(h, Hypothesis)
         assert all(isinstance(t, int) for t in g.tokens + h.tokens)
@@ -257,7 +253,7 @@ def test_greedy_and_beam_outputs_and_beam_beats_greedy():
 
 def test_overfit_one_pair_greedy_beam_and_ctc():
     torch.manual_seed(0)
-    dec = _tiny_decoder(encoder_dim=32, label_smoothing=0.0)
+    dec = _tiny_decoder(encoder_dim=32)
     head = CTCHead(CTCConfig(vocab_size=V, encoder_dim=32))
     enc = torch.randn(1, 20, 32)
     enc_len = torch.tensor([20])
@@ -266,25 +262,26 @@ def test_overfit_one_pair_greedy_beam_and_ctc():
     opt = torch.optim.Adam(list(dec.parameters()) + list(head.parameters()), lr=3e-3)
     for _ in range(150):
         opt.zero_grad()
-        loss = dec.loss(dec(enc, enc_len, target, tlen), target, tlen)
+        _, dec_out, dec_len = make_decoder_io(target, tlen)
+        loss = label_smoothed_ce(dec(enc, enc_len, target, tlen), dec_out, dec_len, 0.0)
         loss = loss + head.loss(head.log_probs(enc), enc_len, target, tlen)
         loss.backward()
         opt.step()
     dec.eval()
     head.eval()
     expected = target[0].tolist()
-    assert dec.greedy_search(enc, enc_len)[0].tokens == expected
-    assert dec.beam_search(enc, enc_len, beam_size=4)[0].tokens == expected
+    assert attention_greedy(dec, enc, enc_len)[0].tokens == expected
+    assert attention_beam(dec, enc, enc_len, beam_size=4)[0].tokens == expected
     ctc_lp = head.log_probs(enc)
     assert ctc_greedy_decode(ctc_lp, enc_len)[0].tokens == expected
     assert ctc_prefix_beam_search(ctc_lp, enc_len, beam_size=4)[0].tokens == expected
     for mode in ("rescore", "joint"):
-        hyp = dec.beam_search(
+        hyp = attention_beam(dec,
             enc, enc_len, beam_size=4, ctc_log_probs=ctc_lp, ctc_weight=0.3, ctc_mode=mode
         )[0]
         assert hyp.tokens == expected, mode
     # Pure CTC prefix scoring inside the beam (w = 1) also finds it.
-    hyp = dec.beam_search(enc, enc_len, beam_size=4, ctc_log_probs=ctc_lp, ctc_weight=1.0)[0]
+    hyp = attention_beam(dec, enc, enc_len, beam_size=4, ctc_log_probs=ctc_lp, ctc_weight=1.0)[0]
     assert hyp.tokens == expected
 
 
@@ -296,7 +293,7 @@ def test_joint_score_is_combination_of_att_and_ctc():
     enc_len = torch.tensor([8, 6])
     ctc_lp = _random_log_probs(2, 8, V, seed=5)
     w = 0.4
-    hyps = dec.beam_search(
+    hyps = attention_beam(dec,
         enc,
         enc_len,
         beam_size=3,

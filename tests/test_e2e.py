@@ -13,20 +13,20 @@ import torch
 
 from asrkd.data.audio_processing import SpecAugmentConfig
 from asrkd.data.tokenizer import CharTokenizer
+from asrkd.models.common import pad_sequences
 from asrkd.models.e2e_asr import (
     E2EASR,
     CheckpointError,
     ModelConfig,
-    RNNTSettings,
-    TransformerSettings,
     build_model,
     load_checkpoint,
-    pad_waveforms,
     save_checkpoint,
 )
 from asrkd.models.encoder import FastConformerConfig
 from asrkd.models.frontend import ResNet1DConfig
 from asrkd.models.presets import PRESETS, get_preset
+from asrkd.models.rnnt import RNNTConfig
+from asrkd.models.transformer_decoder import TransformerDecoderConfig
 from asrkd.training.losses import ASRLoss
 
 
@@ -40,9 +40,9 @@ def tiny_config(decoder: str = "transformer", ctc: bool = True) -> ModelConfig:
         ),
         decoder=decoder,
         ctc=ctc,
-        transformer=TransformerSettings(d_model=64, n_heads=2, n_layers=1, ff_dim=128,
+        transformer=TransformerDecoderConfig(d_model=64, n_heads=2, n_layers=1, ff_dim=128,
                                         dropout=0.0),
-        rnnt=RNNTSettings(pred_dim=64, joint_dim=64, dropout=0.0),
+        rnnt=RNNTConfig(pred_dim=64, joint_dim=64, dropout=0.0),
         spec_augment=None,
     )
 
@@ -50,7 +50,7 @@ def tiny_config(decoder: str = "transformer", ctc: bool = True) -> ModelConfig:
 def random_batch(seconds=(1.0, 0.6), seed=0):
     generator = torch.Generator().manual_seed(seed)
     waves = [0.1 * torch.randn(int(16000 * s), generator=generator) for s in seconds]
-    return pad_waveforms(waves)
+    return pad_sequences(waves)
 
 
 @pytest.mark.parametrize("decoder", ["transformer", "rnnt", "none"])

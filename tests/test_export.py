@@ -13,7 +13,8 @@ from asrkd.cli import main
 from asrkd.data.audio_processing import load_audio
 from asrkd.data.tokenizer import CharTokenizer
 from asrkd.export import OnnxASR, export_onnx
-from asrkd.models.e2e_asr import build_model, pad_waveforms, save_checkpoint
+from asrkd.models.common import pad_sequences
+from asrkd.models.e2e_asr import build_model, save_checkpoint
 from asrkd.utils.metrics import corpus_error_rates
 from conftest import read_jsonl
 from test_e2e import overfit, tiny_config
@@ -26,7 +27,7 @@ def _real_speech(ljspeech_dir: Path, seconds: tuple[float, ...]) -> tuple[torch.
     for entry, length in zip(entries, seconds):
         audio = load_audio(ljspeech_dir / entry["audio_filepath"])
         waves.append(torch.from_numpy(audio[: int(length * 16000)]))
-    return pad_waveforms(waves)
+    return pad_sequences(waves)
 
 
 @pytest.mark.parametrize("decoder", ["transformer", "rnnt"])

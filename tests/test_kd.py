@@ -12,9 +12,9 @@ import torch
 
 from asrkd.config import ConfigError
 from asrkd.data.tokenizer import CharTokenizer
-from asrkd.models.distillation import KDConfig, KDWrapper
 from asrkd.models.e2e_asr import build_model, save_checkpoint
 from asrkd.training.callbacks import parameters_fingerprint
+from asrkd.training.distillation import KDConfig, build_kd
 from asrkd.training.losses import ASRLoss
 from asrkd.training.pipeline import load_run_config, train
 from test_e2e import random_batch, tiny_config
@@ -47,7 +47,7 @@ def test_kd_loss_is_zero_when_student_equals_teacher(decoder, losses):
     student = build_model(tiny_config(decoder), tokenizer)
     student.load_state_dict(teacher.state_dict())
     config = KDConfig(temperature=1.0, losses=losses)
-    wrapper = KDWrapper.from_config(teacher, student, ASRLoss(), config)
+    wrapper = build_kd(student, ASRLoss(), teacher=teacher, config=config)
     if "hidden" in losses:  # identity projections: equal states give zero distance
         for projection in wrapper.kd_loss_fn.losses["hidden"].projections:
             torch.nn.init.eye_(projection.weight)
@@ -65,7 +65,7 @@ def test_wrapper_keeps_teacher_out_of_the_trainable_tree():
     tokenizer = CharTokenizer.english()
     teacher = build_model(tiny_config(), tokenizer)
     student = build_model(tiny_config(), tokenizer)
-    wrapper = KDWrapper.from_config(teacher, student, ASRLoss(), KDConfig())
+    wrapper = build_kd(student, ASRLoss(), teacher=teacher, config=KDConfig())
     wrapper.train()
     assert not teacher.training and not any(m.training for m in teacher.modules())
     assert all(not p.requires_grad for p in teacher.parameters())
@@ -82,14 +82,14 @@ def test_mismatched_vocabulary_and_frame_rate_are_named():
     teacher = build_model(tiny_config(), CharTokenizer.english())
     student = build_model(tiny_config(), CharTokenizer(list("abc ")))
     with pytest.raises(ValueError, match="vocabulary size 33 .teacher. vs 9 .student."):
-        KDWrapper.from_config(teacher, student, ASRLoss(), KDConfig())
+        build_kd(student, ASRLoss(), teacher=teacher, config=KDConfig())
     config = tiny_config()
     student = build_model(
         replace(config, encoder=replace(config.encoder, subsampling_factor=4)),
         CharTokenizer.english(),
     )
     with pytest.raises(ValueError, match="frame rate 8 .teacher. vs 4 .student."):
-        KDWrapper.from_config(teacher, student, ASRLoss(), KDConfig())
+        build_kd(student, ASRLoss(), teacher=teacher, config=KDConfig())
 
 
 def test_config_typos_name_the_key():
@@ -153,11 +153,12 @@ def test_teacher_stays_in_eval_mode_through_fit(tmp_path, tiny_corpus):
     import lightning as L
 
     from asrkd.data.datamodule import ASRDataModule
-    from asrkd.modelmodule import ModelModule
-
     teacher_path = _teacher_checkpoint(tmp_path)
-    module = ModelModule(tiny_config(), CharTokenizer.english().to_dict(), use_kd=True,
-                         teacher_checkpoint=str(teacher_path))
+    from asrkd.training.builder import build_module
+    from asrkd.training.pipeline import TrainingConfig
+
+    module = build_module(tiny_config(), CharTokenizer.english(), TrainingConfig(use_kd=True),
+                          teacher_checkpoint=str(teacher_path))
     fingerprint = parameters_fingerprint(module.teacher)
     seen = []
 
@@ -208,9 +209,9 @@ def test_kd_from_teacher_cache_equals_online_kd(tmp_path, tiny_corpus):
     config = KDConfig(losses=("ctc_kl",), temperature=2.0)
     from asrkd.models.teacher_model import load_teacher
 
-    online = KDWrapper.from_config(load_teacher(teacher_path), student, ASRLoss(), config)
-    cached = KDWrapper.from_config(None, student, ASRLoss(), config,
-                                   teacher_cache=TeacherCache(tmp_path / "cache.pt"))
+    online = build_kd(student, ASRLoss(), teacher=load_teacher(teacher_path), config=config)
+    cached = build_kd(student, ASRLoss(), config,
+                      teacher_cache=TeacherCache(tmp_path / "cache.pt"))
     online.eval()
     cached.eval()  # no dropout: both see the same student outputs
     dataset = ManifestDataset(manifest, tokenizer)
@@ -221,5 +222,5 @@ def test_kd_from_teacher_cache_equals_online_kd(tmp_path, tiny_corpus):
     assert torch.allclose(a["kd_ctc_kl"], b["kd_ctc_kl"], atol=1e-5)
     assert torch.allclose(a["total"], b["total"], atol=1e-5)
     with pytest.raises(ValueError, match="kd.losses to .ctc_kl."):
-        KDWrapper.from_config(None, student, ASRLoss(), KDConfig(),
-                              teacher_cache=TeacherCache(tmp_path / "cache.pt"))
+        build_kd(student, ASRLoss(), KDConfig(),
+                 teacher_cache=TeacherCache(tmp_path / "cache.pt"))

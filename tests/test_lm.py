@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from asrkd.data.tokenizer import CharTokenizer
-from asrkd.models.ctc import ctc_prefix_beam_search
+from asrkd.decoding.ctc import ctc_prefix_beam_search
 from asrkd.models.lm import LMFusion, NGramLM, train_lm
 
 TEXTS = ["the cat sat", "the cat ran", "a dog sat", "the dog ran far", "a cat sat down"]

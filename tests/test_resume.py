@@ -13,8 +13,9 @@ from lightning.fabric.utilities.data import _set_sampler_epoch
 
 import asrkd.utils.io as io_module
 from asrkd.data.datamodule import DurationBatchSampler
-from asrkd.modelmodule import ModelModule, TrainingDivergedError
+from asrkd.modelmodule import ModelModule
 from asrkd.models.e2e_asr import CheckpointError, safe_load
+from asrkd.training.callbacks import TrainingDivergedError
 from asrkd.training.pipeline import load_run_config, train
 from asrkd.utils.io import atomic_save
 from resume_child import overrides

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from asrkd.decoding.rnnt import rnnt_beam, rnnt_greedy
 from asrkd.models.common import Hypothesis
 from asrkd.models.rnnt import RNNTConfig, RNNTransducer
 from asrkd.training.rnnt_loss import rnnt_loss
@@ -384,8 +385,8 @@ def test_greedy_and_beam_hypotheses(blank_bias: float) -> None:
     torch.manual_seed(11)
     enc = torch.randn(4, 9, 12)
     lengths = torch.tensor([9, 6, 1, 4])
-    greedy = model.greedy_search(enc, lengths)
-    beam = model.beam_search(enc, lengths, beam_size=4)
+    greedy = rnnt_greedy(model, enc, lengths)
+    beam = rnnt_beam(model, enc, lengths, beam_size=4)
     assert len(greedy) == len(beam) == 4
     for b in range(4):
         for hyp in (greedy[b], beam[b]):
@@ -403,8 +404,8 @@ def test_beam_size_one_equals_greedy() -> None:
     model = _tiny_model(seed=2, blank_bias=1.0)
     enc = torch.randn(2, 8, 12)
     lengths = torch.tensor([8, 5])
-    greedy = model.greedy_search(enc, lengths)
-    beam = model.beam_search(enc, lengths, beam_size=1)
+    greedy = rnnt_greedy(model, enc, lengths)
+    beam = rnnt_beam(model, enc, lengths, beam_size=1)
     for g, b in zip(greedy, beam, strict=True):
         assert g.tokens == b.tokens and g.timestamps == b.timestamps
         assert abs(g.score - b.score) < 1e-5
@@ -414,8 +415,8 @@ def test_beam_sum_merge_scores_at_least_max_merge() -> None:
     model = _tiny_model(seed=3, blank_bias=1.0)
     enc = torch.randn(1, 6, 12)
     lengths = torch.tensor([6])
-    best_max = model.beam_search(enc, lengths, beam_size=4, merge="max")[0]
-    best_sum = model.beam_search(enc, lengths, beam_size=4, merge="sum")[0]
+    best_max = rnnt_beam(model, enc, lengths, beam_size=4, merge="max")[0]
+    best_sum = rnnt_beam(model, enc, lengths, beam_size=4, merge="sum")[0]
     assert best_sum.score >= best_max.score - 1e-9
     # A merged score is bounded by the sequence's log-likelihood over all alignments.
     targets = torch.tensor([best_sum.tokens], dtype=torch.long).reshape(1, -1)
@@ -432,9 +433,9 @@ def test_greedy_padded_batch_equals_single_utterances() -> None:
     lengths = [9, 4, 7]
     enc = torch.randn(3, 9, 12)
     enc[1, 4:] = 100.0  # padding content must not matter
-    batched = model.greedy_search(enc, torch.tensor(lengths))
+    batched = rnnt_greedy(model, enc, torch.tensor(lengths))
     for b, n in enumerate(lengths):
-        alone = model.greedy_search(enc[b : b + 1, :n], torch.tensor([n]))[0]
+        alone = rnnt_greedy(model, enc[b : b + 1, :n], torch.tensor([n]))[0]
         assert alone.tokens == batched[b].tokens
         assert alone.timestamps == batched[b].timestamps
         assert abs(alone.score - batched[b].score) < 1e-5
@@ -445,11 +446,11 @@ def test_max_symbols_per_frame_is_respected() -> None:
     enc = torch.randn(1, 5, 12)
     lengths = torch.tensor([5])
     for limit in (1, 2):
-        greedy = model.greedy_search(enc, lengths, max_symbols_per_frame=limit)[0]
+        greedy = rnnt_greedy(model, enc, lengths, max_symbols_per_frame=limit)[0]
         # Greedy always prefers a label here, so it hits the cap at every frame.
         assert greedy.timestamps == [t for t in range(5) for _ in range(limit)]
         # Beam may well prefer fewer labels (each costs log-prob; every frame pays its blank).
-        beam = model.beam_search(enc, lengths, beam_size=3, max_symbols_per_frame=limit)[0]
+        beam = rnnt_beam(model, enc, lengths, beam_size=3, max_symbols_per_frame=limit)[0]
         assert all(beam.timestamps.count(t) <= limit for t in range(5))
         assert beam.score >= greedy.score
 
@@ -473,8 +474,8 @@ def test_tiny_model_overfits_one_sequence() -> None:
         optimizer.step()
     assert loss.item() < 0.1
     model.eval()
-    assert model.greedy_search(enc, enc_len)[0].tokens == target[0].tolist()
-    assert model.beam_search(enc, enc_len, beam_size=3)[0].tokens == target[0].tolist()
+    assert rnnt_greedy(model, enc, enc_len)[0].tokens == target[0].tolist()
+    assert rnnt_beam(model, enc, enc_len, beam_size=3)[0].tokens == target[0].tolist()
 
 
 if __name__ == "__main__":

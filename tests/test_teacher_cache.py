@@ -10,7 +10,8 @@ import torch
 
 from asrkd.data.dataset import ManifestDataset
 from asrkd.data.tokenizer import CharTokenizer
-from asrkd.models.e2e_asr import build_model, pad_waveforms, save_checkpoint
+from asrkd.models.common import pad_sequences
+from asrkd.models.e2e_asr import build_model, save_checkpoint
 from asrkd.training.kd_losses import CTCFrameKD
 from asrkd.training.teacher_cache import (
     CACHE_FORMAT,
@@ -51,7 +52,7 @@ def _batch(manifest, rows):
     """Waveforms (B, S), lengths (B,) and cache keys of manifest lines ``rows``."""
     dataset = ManifestDataset(manifest)
     items = [dataset[i] for i in rows]
-    audio, lengths = pad_waveforms([item["audio"] for item in items])
+    audio, lengths = pad_sequences([item["audio"] for item in items])
     keys = [utterance_key(dataset.entries[i]) for i in rows]
     return audio, lengths, keys
 
@@ -196,13 +197,13 @@ def test_validation_audio_outside_the_cache_gets_the_asr_loss(
 ):
     """A cache written over the training set: validation batches (not in it) are scored by the
     student's ASR loss; a training batch that is not in the cache is still an error."""
-    from asrkd.models.distillation import KDConfig, KDWrapper
+    from asrkd.training.distillation import KDConfig, build_kd
     from asrkd.training.losses import ASRLoss
 
     teacher, student = teacher_and_student
     cache_teacher(teacher, small_manifest, tmp_path / "t.pt", top_k=3)
-    wrapper = KDWrapper.from_config(None, student, ASRLoss(), KDConfig(losses=("ctc_kl",)),
-                                    teacher_cache=TeacherCache(tmp_path / "t.pt"))
+    wrapper = build_kd(student, ASRLoss(), KDConfig(losses=("ctc_kl",)),
+                       teacher_cache=TeacherCache(tmp_path / "t.pt"))
     tokenizer = student.tokenizer
     audio, lengths, keys = _batch(small_manifest, [0, 1])
     targets = torch.tensor([tokenizer.encode("ab"), tokenizer.encode("cd")])

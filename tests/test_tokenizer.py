@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from asrkd.data.text import number_to_words, ordinal_words, year_words
 from asrkd.data.tokenizer import (
     BLANK_ID,
     BOS_ID,
@@ -15,7 +16,6 @@ from asrkd.data.tokenizer import (
     TextNormalizer,
     Tokenizer,
     build_tokenizer,
-    number_to_words,
 )
 
 SENTENCES = [
@@ -35,13 +35,29 @@ def test_normalizer_policy_is_explicit():
     assert TextNormalizer(digits="keep", lowercase=False)("Room 101") == "Room 101"
     assert TextNormalizer(punctuation="keep")("hi, there") == "hi, there"
     with pytest.raises(ValueError, match="digits"):
-        TextNormalizer(digits="roman")("x")
+        TextNormalizer(digits="roman")
 
 
-def test_number_to_words():
+def test_number_to_words_one_speller_two_readings():
     assert number_to_words(0) == "zero"
     assert number_to_words(42) == "forty two"
     assert number_to_words(1_000_017) == "one million seventeen"
+    assert number_to_words(105) == "one hundred five"
+    assert number_to_words(105, british=True) == "one hundred and five"
+    assert number_to_words(2005, british=True) == "two thousand and five"
+    assert number_to_words(2305, british=True) == "two thousand three hundred and five"
+    assert ordinal_words(22) == "twenty second" and ordinal_words(30) == "thirtieth"
+    assert year_words(1905) == "nineteen oh five" and year_words(1800) == "eighteen hundred"
+    with pytest.raises(ValueError, match="out of range"):
+        number_to_words(10**9)
+
+
+def test_normalizer_reads_long_digit_runs_digit_by_digit_and_can_keep_ascii_only():
+    norm = TextNormalizer()
+    assert norm("call 5551234567") == "call five five five one two three four five six seven"
+    assert norm("Caf\u00e9 105") == "caf\u00e9 one hundred five"
+    corpus_style = TextNormalizer(british_numbers=True, ascii_letters=True)
+    assert corpus_style("Caf\u00e9 105") == "caf one hundred and five"
 
 
 def test_special_ids_are_shared():

@@ -40,7 +40,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from asrkd.data.dataset import ManifestDataset, duration_batches
 from asrkd.data.tokenizer import CharTokenizer
-from asrkd.models.e2e_asr import E2EASR, build_model, load_checkpoint, pad_waveforms
+from asrkd.models.common import pad_sequences
+from asrkd.models.e2e_asr import E2EASR, build_model, load_checkpoint
 from asrkd.models.presets import get_preset
 from asrkd.training.losses import ASRLoss
 from asrkd.utils.metrics import corpus_error_rates
@@ -84,36 +85,47 @@ def test_clips(corpus: Path, plan: BenchPlan) -> list[np.ndarray]:
 
 
 def _batches(clips: list[np.ndarray], size: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    return [pad_waveforms([torch.from_numpy(c) for c in clips[i : i + size]])
+    return [pad_sequences([torch.from_numpy(c) for c in clips[i : i + size]])
             for i in range(0, len(clips), size)]
 
 
 def rtfx(
-    run, clips: list[np.ndarray], batch_size: int, plan: BenchPlan  # noqa: ANN001
+    run, batches: list[tuple[torch.Tensor, torch.Tensor]], repeats: int,  # noqa: ANN001
+    timing_seconds: float = 0.0, sample_rate: int = 16000,
 ) -> float:
-    """Audio seconds / wall seconds of ``run(audio, lengths)`` over the clips in batches.
+    """Audio seconds / wall seconds of ``run(audio, lengths)`` over padded batches.
 
     One untimed warm-up batch first; then each batch counts its fastest of at least
-    ``plan.repeats`` runs, repeated until ``plan.timing_seconds`` of runs have passed. A single
-    pass let two identical students differ by 40 % at batch 1 (377 vs 528 RTFx) on this 2-core
-    VM, and one run of a 0.9 s batch put the teacher's batch-16 RTFx below its batch-1 figure.
+    ``repeats`` runs, repeated until ``timing_seconds`` of runs have passed. A single pass let
+    two identical students differ by 40 % at batch 1 (377 vs 528 RTFx) on this 2-core VM, and
+    one run of a 0.9 s batch put the teacher's batch-16 RTFx below its batch-1 figure. The
+    one RTFx of ``asrkd bench`` and ``benchmarks/models.py``; ``asrkd evaluate`` times its
+    batches the same way (:func:`~asrkd.utils.timing.best_time`) as it transcribes them.
     """
-    batches = _batches(clips, batch_size)
     run(*batches[0])
     wall = sum(
-        best_time(partial(run, audio, lengths), plan.repeats, warmup=0,
-                  min_seconds=plan.timing_seconds)
+        best_time(partial(run, audio, lengths), repeats, warmup=0, min_seconds=timing_seconds)
         for audio, lengths in batches
     )
-    return round(sum(len(c) for c in clips) / 16000 / wall, 1)
+    return round(sum(float(lengths.sum()) for _, lengths in batches) / sample_rate / wall, 1)
 
 
-def flops_per_audio_second(model: E2EASR, seconds: float = 10.0) -> float:
+def clip_rtfx(run, clips: list[np.ndarray], batch_size: int, plan: BenchPlan) -> float:  # noqa: ANN001
+    """:func:`rtfx` over ``clips`` in batches of ``batch_size``, with ``plan``'s repeats."""
+    return rtfx(run, _batches(clips, batch_size), plan.repeats, plan.timing_seconds)
+
+
+def count_flops(model: E2EASR, seconds: float = 10.0) -> dict[str, int]:
+    """FLOPs of an eval-mode forward (no targets) over one ``seconds`` clip: ``total`` and
+    the ``frontend``'s share of it (``torch.utils.flop_counter``: matmuls and convolutions)."""
     counter = FlopCounterMode(display=False)
-    audio = 0.1 * torch.randn(1, int(16000 * seconds))
+    audio = 0.1 * torch.randn(1, int(16000 * seconds), generator=torch.Generator().manual_seed(0))
+    model.eval()
     with torch.no_grad(), counter:
-        model.eval()(audio, torch.tensor([audio.shape[1]]))
-    return counter.get_total_flops() / seconds
+        model(audio, torch.tensor([audio.shape[1]]))
+    frontend = sum(sum(ops.values()) for name, ops in counter.get_flop_counts().items()
+                   if name.split(".")[-1] == "frontend" and name.count(".") == 1)
+    return {"total": counter.get_total_flops(), "frontend": frontend}
 
 
 def matmul_peak(size: int, repeats: int) -> float:
@@ -123,13 +135,14 @@ def matmul_peak(size: int, repeats: int) -> float:
     return 2 * size**3 / seconds
 
 
-def training_step(model: E2EASR, plan: BenchPlan) -> dict[str, float]:
+def training_step(model: E2EASR, plan: BenchPlan, copy_model: bool = True) -> dict[str, float]:
     """Audio seconds per second, FLOPs and seconds of one training step on random audio.
 
-    Runs on a copy: the optimizer step and batch-norm statistics must not change the model
-    that is measured (and exported) afterwards.
+    Runs on a copy (unless ``copy_model`` is False): the optimizer step and batch-norm
+    statistics must not change the model that is measured (and exported) afterwards.
     """
-    model = copy.deepcopy(model)
+    if copy_model:
+        model = copy.deepcopy(model)
     samples = int(16000 * plan.train_seconds)
     generator = torch.Generator().manual_seed(0)
     audio = 0.1 * torch.randn(plan.train_batch, samples, generator=generator)
@@ -158,21 +171,24 @@ def training_step(model: E2EASR, plan: BenchPlan) -> dict[str, float]:
     }
 
 
-def peak_rss_of_training(source: str, plan: BenchPlan, threads: int) -> float:
-    """Peak RSS (MB) of a fresh process that loads the model (a checkpoint path, or
-    ``preset:<name>``) and runs one training step."""
+def peak_rss_of_training(source: str, plan: BenchPlan, threads: int) -> dict[str, float]:
+    """Peak RSS of a fresh process that loads the model (a checkpoint path, or
+    ``preset:<name>``) and runs training steps of ``plan.train_batch`` x
+    ``plan.train_seconds``: ``peak_mb``, and ``step_mb``, what the steps added to the
+    high-water mark left by loading. A fresh process per model, since the mark only grows."""
     command = [sys.executable, "-m", "asrkd.bench", "--rss-child", source,
-               "--threads", str(threads)]
-    if plan == QUICK:
-        command.append("--quick")
+               "--threads", str(threads), "--train-batch", str(plan.train_batch),
+               "--train-seconds", str(plan.train_seconds)]
     output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=900)
-    return float(output.stdout.strip().splitlines()[-1])
+    return json.loads(output.stdout.strip().splitlines()[-1])
 
 
-def _rss_child(source: str, plan: BenchPlan) -> float:
+def _rss_child(source: str, plan: BenchPlan) -> dict[str, float]:
     model = _load(source)
-    training_step(model, replace(plan, repeats=1))
-    return peak_rss_mb()
+    before = peak_rss_mb()
+    training_step(model, replace(plan, repeats=1), copy_model=False)
+    peak = peak_rss_mb()
+    return {"peak_mb": round(peak, 1), "step_mb": round(peak - before, 1)}
 
 
 def _load(source: str) -> E2EASR:
@@ -197,8 +213,8 @@ def onnx_rows(model: E2EASR, clips: list[np.ndarray], plan: BenchPlan, manifest:
             return session.infer(audio.numpy(), lengths.numpy(), "ctc_greedy")
 
         row = {"file_mb": round(path.stat().st_size / 1e6, 2),
-               "rtfx_b1": rtfx(run, clips, 1, plan),
-               f"rtfx_b{plan.batch}": rtfx(run, clips, plan.batch, plan)}
+               "rtfx_b1": clip_rtfx(run, clips, 1, plan),
+               f"rtfx_b{plan.batch}": clip_rtfx(run, clips, plan.batch, plan)}
         if manifest is not None:
             row["wer"], row["texts"], row["differ_from_torch"] = _onnx_wer(session, manifest,
                                                                            model)
@@ -219,7 +235,7 @@ def _onnx_wer(session, manifest: Path, model: E2EASR) -> tuple[float, list[str],
     references, hypotheses, differ = [], [], 0
     for batch in duration_batches(dataset.entries, 120.0):
         items = [dataset[i] for i in batch]
-        audio, lengths = pad_waveforms([item["audio"] for item in items])
+        audio, lengths = pad_sequences([item["audio"] for item in items])
         texts = session.infer(audio.numpy(), lengths.numpy(), "ctc_greedy")
         expected = model.infer(audio, lengths, method="ctc_greedy")
         differ += sum(text != hyp.text for text, hyp in zip(texts, expected))
@@ -237,8 +253,8 @@ def decoding_rows(model: E2EASR, clips: list[np.ndarray], plan: BenchPlan,
         def run(audio, lengths, method=method):  # noqa: ANN001, ANN202
             return model.infer(audio, lengths, method=method)
 
-        rows[method] = {"rtfx_b1": rtfx(run, use, 1, plan),
-                        f"rtfx_b{plan.batch}": rtfx(run, use, plan.batch, plan)}
+        rows[method] = {"rtfx_b1": clip_rtfx(run, use, 1, plan),
+                        f"rtfx_b{plan.batch}": clip_rtfx(run, use, plan.batch, plan)}
     return rows
 
 
@@ -295,12 +311,12 @@ def run_bench(exp_dir: Path, corpus: Path, out_md: Path, out_json: Path, plot: P
                 "checkpoint": str(path),
                 "params": model.num_parameters(),
                 "checkpoint_mb": round(Path(path).stat().st_size / 1e6, 2),
-                "gflops_per_audio_second": round(flops_per_audio_second(model) / 1e9, 3),
+                "gflops_per_audio_second": round(count_flops(model, 10.0)["total"] / 10.0 / 1e9, 3),
                 "wer": _demo_wer(Path(path), exp_dir),
                 "decoding": decoding_rows(model, clips, plan, _methods(model)),
                 "train": {**train, "mfu": round(train["step_flops"] / train["step_seconds"]
                                                 / peak, 3)},
-                "train_peak_rss_mb": round(peak_rss_of_training(str(path), plan, threads), 1),
+                "train_peak_rss_mb": peak_rss_of_training(str(path), plan, threads)["peak_mb"],
             }
             if model.ctc is not None:
                 workdir = Path(tmp) / name
@@ -475,16 +491,19 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Child mode for the peak-RSS measurement (``python -m asrkd.bench --rss-child SRC``)."""
+    """Child mode for the peak-RSS measurement (``python -m asrkd.bench --rss-child SRC``);
+    prints one JSON line (see :func:`peak_rss_of_training`)."""
     import argparse
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--rss-child", required=True)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--train-batch", type=int, default=BenchPlan.train_batch)
+    parser.add_argument("--train-seconds", type=float, default=BenchPlan.train_seconds)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(_rss_child(args.rss_child, QUICK if args.quick else BenchPlan()))
+    plan = BenchPlan(train_batch=args.train_batch, train_seconds=args.train_seconds)
+    print(json.dumps(_rss_child(args.rss_child, plan)))
 
 
 if __name__ == "__main__":

@@ -21,8 +21,8 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from asrkd.config import ConfigError
     from asrkd.data.audio_processing import AudioError
     from asrkd.data.dataset import ManifestError
-    from asrkd.modelmodule import TrainingDivergedError
     from asrkd.models.e2e_asr import CheckpointError
+    from asrkd.training.callbacks import TrainingDivergedError
     from asrkd.training.teacher_cache import TeacherCacheKeyError
 
     return (

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import multiprocessing as mp
 import os
-import re
 import shutil
 import time
 import zlib
@@ -38,6 +37,7 @@ import soundfile as sf
 import soxr
 
 from asrkd.data import corpus_vocab as V
+from asrkd.data.text import DIGIT_WORDS, TextNormalizer, number_to_words, ordinal_words, year_words
 from asrkd.data.tts import RATE_MAX, EspeakSynthesizer
 
 __all__ = [
@@ -48,7 +48,6 @@ __all__ = [
     "generate_digits",
     "generate_sentences",
     "normalize_text",
-    "number_to_words",
 ]
 
 # Bump when anything that changes the output (grammar, vocabulary, augmentation) changes, so that
@@ -66,82 +65,9 @@ _CHUNK = 25  # utterances per worker process (see the module docstring)
 # Text
 # --------------------------------------------------------------------------------------------
 
-_ONES = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen"
-).split()
-_TENS = "_ _ twenty thirty forty fifty sixty seventy eighty ninety".split()
-_ORDINAL_WORDS = {
-    "one": "first", "two": "second", "three": "third", "five": "fifth", "eight": "eighth",
-    "nine": "ninth", "twelve": "twelfth",
-}  # fmt: skip
-
-
-def number_to_words(n: int) -> str:
-    """Spell a non-negative integer below one billion in British style ("one hundred and five")."""
-    if n < 0 or n >= 10**9:
-        raise ValueError(f"number out of range: {n}")
-    if n < 20:
-        return _ONES[n]
-    if n < 100:
-        tens, ones = divmod(n, 10)
-        return _TENS[tens] + ("" if ones == 0 else " " + _ONES[ones])
-    if n < 1000:
-        hundreds, rest = divmod(n, 100)
-        head = _ONES[hundreds] + " hundred"
-        return head if rest == 0 else f"{head} and {number_to_words(rest)}"
-    for size, word in ((10**6, "million"), (1000, "thousand")):
-        if n >= size:
-            high, rest = divmod(n, size)
-            head = f"{number_to_words(high)} {word}"
-            if rest == 0:
-                return head
-            # "two thousand and five" but "two thousand three hundred"
-            joiner = " and " if rest < 100 else " "
-            return head + joiner + number_to_words(rest)
-    raise AssertionError("unreachable")
-
-
-def ordinal_words(n: int) -> str:
-    """Spell an ordinal: 1 -> "first", 22 -> "twenty second", 30 -> "thirtieth"."""
-    words = number_to_words(n).split()
-    last = words[-1]
-    if last in _ORDINAL_WORDS:
-        last = _ORDINAL_WORDS[last]
-    elif last.endswith("y"):
-        last = last[:-1] + "ieth"
-    else:
-        last += "th"
-    return " ".join(words[:-1] + [last])
-
-
-def year_words(year: int) -> str:
-    """Read a year as people say it: 1984 -> "nineteen eighty four", 1905 -> "nineteen oh five"."""
-    if 2000 <= year <= 2009:
-        return number_to_words(year)
-    high, low = divmod(year, 100)
-    if low == 0:
-        return f"{number_to_words(high)} hundred"
-    low_words = number_to_words(low) if low >= 10 else f"oh {number_to_words(low)}"
-    return f"{number_to_words(high)} {low_words}"
-
-
-_DIGITS = re.compile(r"\d+")
-_NOT_ALLOWED = re.compile(r"[^a-z' ]+")
-_STRAY_APOSTROPHE = re.compile(r"(?<![a-z])'|'(?![a-z])")
-
-
-def normalize_text(text: str) -> str:
-    """Normalise a transcript to lowercase a-z, apostrophe and single spaces.
-
-    Digits are spelled out, hyphens and other punctuation become spaces, and apostrophes are kept
-    only inside words ("don't", "anna's").
-    """
-    text = text.lower().replace("\u2019", "'")
-    text = _DIGITS.sub(lambda m: " " + number_to_words(int(m.group())) + " ", text)
-    text = _NOT_ALLOWED.sub(" ", text)
-    text = _STRAY_APOSTROPHE.sub(" ", text)
-    return " ".join(text.split())
+# The corpus's text policy: lowercase a-z, apostrophes inside words and single spaces; digits
+# spelled as British English reads them ("one hundred and five"), other characters -> spaces.
+normalize_text = TextNormalizer(british_numbers=True, ascii_letters=True)
 
 
 # Word lists longer than this are cut to a core vocabulary (see SentenceGenerator).
@@ -251,7 +177,7 @@ class SentenceGenerator:
             return _join(det, self.adjs(0.4, 0.05), V.plural(noun)), False
         count = self.small_number()
         word = noun if count == 1 else V.plural(noun)
-        return _join(number_to_words(count), self.adjs(0.3, 0.0), word), count == 1
+        return _join(number_to_words(count, british=True), self.adjs(0.3, 0.0), word), count == 1
 
     def small_number(self) -> int:
         r = self.rng.random()
@@ -302,7 +228,7 @@ class SentenceGenerator:
         return f"at {self.clock_time()}"
 
     def clock_time(self) -> str:
-        hour = number_to_words(int(self.rng.integers(1, 13)))
+        hour = number_to_words(int(self.rng.integers(1, 13)), british=True)
         r = self.rng.random()
         if r < 0.3:
             return f"{hour} o'clock"
@@ -311,7 +237,7 @@ class SentenceGenerator:
         if r < 0.55:
             return f"quarter to {hour}"
         minute = int(self.rng.integers(1, 60))
-        return f"{hour} {'oh ' if minute < 10 else ''}{number_to_words(minute)}"
+        return f"{hour} {'oh ' if minute < 10 else ''}{number_to_words(minute, british=True)}"
 
     def extras(self, p_where: float = 0.4, p_when: float = 0.3) -> str:
         return _join(
@@ -421,7 +347,7 @@ class SentenceGenerator:
         return _join(
             "there",
             be,
-            number_to_words(count),
+            number_to_words(count, british=True),
             self.adjs(0.4, 0.05),
             noun if count == 1 else V.plural(noun),
             self.where(),
@@ -467,9 +393,9 @@ class SentenceGenerator:
         return _join(subj, self.pick(V.SPEECH_VERBS), "that", self._past_transitive())
 
     def _money(self) -> str:
-        amount = number_to_words(self.small_number())
+        amount = number_to_words(self.small_number(), british=True)
         cents = (
-            f"and {number_to_words(int(self.rng.integers(1, 100)))} cents"
+            f"and {number_to_words(int(self.rng.integers(1, 100)), british=True)} cents"
             if self.chance(0.3)
             else ""
         )
@@ -500,7 +426,7 @@ class SentenceGenerator:
                 "is on",
                 self.pick(V.WEEKDAYS),
                 "the",
-                ordinal_words(int(self.rng.integers(1, 32))),
+                ordinal_words(int(self.rng.integers(1, 32)), british=True),
                 "of",
                 self.pick(V.MONTHS),
             )
@@ -520,12 +446,12 @@ class SentenceGenerator:
             self.name(),
             self.pick(("was born", "moved to " + self.place(), "started school", "got married")),
             "in",
-            year_words(year),
+            year_words(year, british=True),
         )
 
     def _digits(self) -> str:
         n = int(self.rng.integers(4, 9))
-        digits = " ".join(_ONES[int(d)] if d else "oh" for d in self.rng.integers(0, 10, n))
+        digits = " ".join(DIGIT_WORDS[int(d)] if d else "oh" for d in self.rng.integers(0, 10, n))
         return f"{self.pick(('my', 'your', 'her', 'his', 'the'))} number is {digits}"
 
     def _compound(self) -> str:
@@ -560,7 +486,7 @@ def generate_digits(n: int, seed: int) -> list[str]:
     hundreds of voices adds the speaker variety that a few real speakers lack.
     """
     rng = np.random.default_rng([seed, 0xD1617])
-    digits = np.resize(np.array(_ONES[:10]), n)
+    digits = np.resize(np.array(DIGIT_WORDS), n)
     return [str(d) for d in rng.permutation(digits)]
 
 

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, load_audio, speed_perturb
 from asrkd.data.tokenizer import PAD_ID, Tokenizer
+from asrkd.models.common import pad_sequences
 
 log = logging.getLogger(__name__)
 
@@ -341,10 +342,7 @@ def collate_batch(items: list[dict | None]) -> dict | None:
     items = [item for item in items if item is not None]
     if not items:
         return None
-    audio_lengths = torch.tensor([len(item["audio"]) for item in items], dtype=torch.long)
-    audio = torch.zeros(len(items), int(audio_lengths.max()))
-    for row, item in enumerate(items):
-        audio[row, : len(item["audio"])] = item["audio"]
+    audio, audio_lengths = pad_sequences([item["audio"] for item in items])
     batch = {
         "audio": audio,
         "audio_lengths": audio_lengths,
@@ -353,10 +351,8 @@ def collate_batch(items: list[dict | None]) -> dict | None:
         "keys": [item["key"] for item in items],
     }
     if all("tokens" in item for item in items):
-        target_lengths = torch.tensor([len(item["tokens"]) for item in items], dtype=torch.long)
-        targets = torch.full((len(items), max(int(target_lengths.max()), 1)), PAD_ID)
-        for row, item in enumerate(items):
-            targets[row, : len(item["tokens"])] = item["tokens"]
+        targets, target_lengths = pad_sequences(
+            [item["tokens"] for item in items], pad_value=PAD_ID, min_length=1)
         batch["targets"] = targets
         batch["target_lengths"] = target_lengths
     return batch

@@ -1,4 +1,4 @@
-"""Text normalisation and tokenizers behind one interface.
+"""Tokenizers behind one interface (text normalisation: :mod:`asrkd.data.text`).
 
 Every tokenizer reserves the same five ids so that every output head (CTC, attention, RNN-T)
 and every model (teacher, student) share one vocabulary layout:
@@ -8,78 +8,16 @@ and every model (teacher, student) share one vocabulary layout:
 from __future__ import annotations
 
 import json
-import re
 import tempfile
-import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
+
+from asrkd.data.text import TextNormalizer
 
 SPECIAL_TOKENS = ("<blank>", "<pad>", "<bos>", "<eos>", "<unk>")
 BLANK_ID, PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(5)
-
-_ONES = (
-    "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-    "fifteen sixteen seventeen eighteen nineteen"
-).split()
-_TENS = "twenty thirty forty fifty sixty seventy eighty ninety".split()
-
-
-def number_to_words(number: int) -> str:
-    """Spell a non-negative integer below one billion in English words."""
-    if number < 20:
-        return _ONES[number]
-    if number < 100:
-        tens, ones = divmod(number, 10)
-        return _TENS[tens - 2] + ("" if ones == 0 else " " + _ONES[ones])
-    for size, name in ((1_000_000, "million"), (1000, "thousand"), (100, "hundred")):
-        if number >= size:
-            head, rest = divmod(number, size)
-            words = number_to_words(head) + " " + name
-            return words if rest == 0 else words + " " + number_to_words(rest)
-    raise AssertionError("unreachable")
-
-
-@dataclass(frozen=True)
-class TextNormalizer:
-    """The explicit text policy applied to transcripts before tokenisation.
-
-    Args:
-        lowercase: fold case.
-        digits: "spell" writes digit runs as English words, "keep" leaves them, "drop" removes.
-        keep_apostrophes: keep ``'`` inside words (don't, it's); otherwise remove it.
-        punctuation: "remove" deletes other punctuation, "keep" leaves it.
-    """
-
-    lowercase: bool = True
-    digits: str = "spell"
-    keep_apostrophes: bool = True
-    punctuation: str = "remove"
-
-    def __call__(self, text: str) -> str:
-        text = unicodedata.normalize("NFKC", text)
-        text = text.replace("\u2019", "'").replace("\u2018", "'")
-        if self.lowercase:
-            text = text.lower()
-        if self.digits == "spell":
-            text = re.sub(r"\d+", lambda m: " " + number_to_words(int(m.group())) + " ", text)
-        elif self.digits == "drop":
-            text = re.sub(r"\d+", " ", text)
-        elif self.digits != "keep":
-            raise ValueError(f"digits must be spell|keep|drop, got {self.digits!r}")
-        if self.keep_apostrophes:
-            # An apostrophe is kept only inside a word: quotes around words are punctuation.
-            text = re.sub(r"(?<![\w])'|'(?![\w])", " ", text)
-        else:
-            text = text.replace("'", "")
-        if self.punctuation == "remove":
-            text = "".join(
-                ch if (ch.isalnum() or ch.isspace() or ch == "'") else " " for ch in text
-            )
-        elif self.punctuation != "keep":
-            raise ValueError(f"punctuation must be remove|keep, got {self.punctuation!r}")
-        return " ".join(text.split())
 
 
 class Tokenizer(ABC):

@@ -23,8 +23,9 @@ from asrkd.data.audio_processing import (
     load_audio,
 )
 from asrkd.data.tokenizer import Tokenizer, tokenizer_from_dict
-from asrkd.models.common import Hypothesis
-from asrkd.models.ctc import CTCConfig, CTCHead, ctc_greedy_decode, ctc_prefix_beam_search
+from asrkd.decoding import METHODS, strategy
+from asrkd.models.common import Hypothesis, pad_sequences
+from asrkd.models.ctc import CTCConfig, CTCHead
 from asrkd.models.encoder import FastConformerConfig, FastConformerEncoder
 from asrkd.models.frontend import ResNet1D, ResNet1DConfig
 from asrkd.models.lm import LMFusion
@@ -39,32 +40,7 @@ from asrkd.utils.io import atomic_save
 CHECKPOINT_FORMAT = "asrkd-checkpoint-1"
 DECODER_TYPES = ("transformer", "rnnt", "none")
 FRONTEND_POSITIONS = ("features", "subsampled")
-DECODING_METHODS = (
-    "auto", "ctc_greedy", "ctc_beam", "attention_greedy", "attention_beam", "rnnt_greedy",
-    "rnnt_beam",
-)
-
-
-@dataclass(frozen=True)
-class TransformerSettings:
-    """Attention-decoder settings (vocabulary and encoder width come from the model)."""
-
-    d_model: int = 256
-    n_heads: int = 4
-    n_layers: int = 4
-    ff_dim: int = 1024
-    dropout: float = 0.1
-
-
-@dataclass(frozen=True)
-class RNNTSettings:
-    """Transducer settings (vocabulary and encoder width come from the model)."""
-
-    pred_dim: int = 320
-    pred_layers: int = 1
-    joint_dim: int = 320
-    dropout: float = 0.1
-    max_symbols_per_frame: int = 5
+DECODING_METHODS = ("auto", *METHODS)
 
 
 @dataclass(frozen=True)
@@ -108,9 +84,12 @@ class ModelConfig:
     frontend_position: str = "features"
     encoder: FastConformerConfig = field(default_factory=FastConformerConfig)
     decoder: str = "transformer"
-    transformer: TransformerSettings = field(default_factory=TransformerSettings)
-    rnnt: RNNTSettings = field(default_factory=RNNTSettings)
+    # One config per component: the decoders' and CTC head's own classes (their vocabulary,
+    # encoder width and special ids are filled in from the tokenizer and encoder).
+    transformer: TransformerDecoderConfig = field(default_factory=TransformerDecoderConfig)
+    rnnt: RNNTConfig = field(default_factory=RNNTConfig)
     ctc: bool = True
+    ctc_head: CTCConfig = field(default_factory=CTCConfig)
     # Intermediate CTC (Lee & Watanabe 2021): in training, the outputs of these conformer
     # blocks (1-based) also go through the CTC head, and ASRLoss mixes their CTC losses in
     # (``asr_loss.inter_ctc_weight``). Inference and the parameters are unchanged.
@@ -311,62 +290,20 @@ class E2EASR(nn.Module):
         when the model has a CTC head), rnnt_greedy, rnnt_beam; None uses the config's.
         ``fusion``: a token n-gram LM fused into ``ctc_beam`` (:class:`~asrkd.models.lm.LMFusion`).
         """
-        method = method or self.default_method()
-        if fusion is not None and method != "ctc_beam":
-            raise ValueError(f"LM fusion works with ctc_beam decoding, not {method!r}")
         decoding = self.config.decoding if self.config is not None else DecodingConfig()
-        beam = beam_size or decoding.beam_size
+        search = strategy(method or self.default_method(), beam_size or decoding.beam_size,
+                          decoding.length_penalty, decoding.ctc_weight, fusion)
         was_training = self.training
         self.eval()
         try:
             encoded = self.encode(audio, audio_lengths)
-            hypotheses = self._decode(encoded.output, encoded.lengths, method, beam, decoding,
-                                      fusion)
+            hypotheses = search(self, encoded.output, encoded.lengths)
         finally:
             self.train(was_training)
         if self.tokenizer is not None:
             for hypothesis in hypotheses:
                 hypothesis.text = self.tokenizer.decode(hypothesis.tokens)
         return hypotheses
-
-    def _decode(
-        self,
-        encoder_out: torch.Tensor,
-        lengths: torch.Tensor,
-        method: str,
-        beam: int,
-        decoding: DecodingConfig,
-        fusion: LMFusion | None = None,
-    ) -> list[Hypothesis]:
-        family = method.split("_")[0]
-        if family == "ctc" and self.ctc is None:
-            raise ValueError(f"method {method!r} needs a CTC head; this model has none")
-        if family in ("attention", "rnnt") and self.decoder_type != (
-            "transformer" if family == "attention" else "rnnt"
-        ):
-            raise ValueError(f"method {method!r} does not fit a {self.decoder_type} decoder")
-        if method == "ctc_greedy":
-            return ctc_greedy_decode(self.ctc.log_probs(encoder_out), lengths)
-        if method == "ctc_beam":
-            return ctc_prefix_beam_search(self.ctc.log_probs(encoder_out), lengths, beam,
-                                          fusion=fusion)
-        if method == "attention_greedy":
-            return self.decoder.greedy_search(encoder_out, lengths)
-        if method == "attention_beam":
-            use_ctc = self.ctc is not None and decoding.ctc_weight > 0
-            return self.decoder.beam_search(
-                encoder_out,
-                lengths,
-                beam_size=beam,
-                length_penalty=decoding.length_penalty,
-                ctc_log_probs=self.ctc.log_probs(encoder_out) if use_ctc else None,
-                ctc_weight=decoding.ctc_weight if use_ctc else 0.0,
-            )
-        if method == "rnnt_greedy":
-            return self.decoder.greedy_search(encoder_out, lengths)
-        if method == "rnnt_beam":
-            return self.decoder.beam_search(encoder_out, lengths, beam_size=beam)
-        raise ValueError(f"unknown decoding method {method!r}; choose from {DECODING_METHODS}")
 
     def transcribe(
         self, paths: list[str | Path], batch_size: int = 8, method: str | None = None
@@ -375,18 +312,9 @@ class E2EASR(nn.Module):
         texts: list[str] = []
         for start in range(0, len(paths), batch_size):
             waves = [torch.from_numpy(load_audio(p)) for p in paths[start : start + batch_size]]
-            audio, lengths = pad_waveforms(waves)
+            audio, lengths = pad_sequences(waves)
             texts.extend(h.text for h in self.infer(audio, lengths, method=method))
         return texts
-
-
-def pad_waveforms(waves: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D waveforms into (B, S) zero-padded audio and (B,) lengths."""
-    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
-    audio = torch.zeros(len(waves), int(lengths.max()))
-    for row, wave in enumerate(waves):
-        audio[row, : len(wave)] = wave
-    return audio, lengths
 
 
 def build_model(config: ModelConfig, tokenizer: Tokenizer) -> E2EASR:
@@ -405,35 +333,19 @@ def build_model(config: ModelConfig, tokenizer: Tokenizer) -> E2EASR:
     decoder: TransformerDecoder | RNNTransducer | None = None
     if config.decoder == "transformer":
         settings = config.transformer
-        decoder = TransformerDecoder(
-            TransformerDecoderConfig(
-                vocab_size=vocab,
-                encoder_dim=width,
-                d_model=settings.d_model,
-                n_heads=settings.n_heads,
-                n_layers=settings.n_layers,
-                ff_dim=settings.ff_dim,
-                dropout=settings.dropout,
-                bos_id=tokenizer.bos_id,
-                eos_id=tokenizer.eos_id,
-                pad_id=tokenizer.pad_id,
-            )
-        )
+        d_model = settings.d_model or width
+        decoder = TransformerDecoder(replace(
+            settings, vocab_size=vocab, encoder_dim=width, d_model=d_model,
+            ff_dim=settings.ff_dim or 4 * d_model, bos_id=tokenizer.bos_id,
+            eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+        ))
     elif config.decoder == "rnnt":
-        settings = config.rnnt
-        decoder = RNNTransducer(
-            RNNTConfig(
-                vocab_size=vocab,
-                encoder_dim=width,
-                pred_dim=settings.pred_dim,
-                pred_layers=settings.pred_layers,
-                joint_dim=settings.joint_dim,
-                dropout=settings.dropout,
-                blank_id=tokenizer.blank_id,
-                max_symbols_per_frame=settings.max_symbols_per_frame,
-            )
-        )
-    ctc = CTCHead(CTCConfig(vocab, width, blank_id=tokenizer.blank_id)) if config.ctc else None
+        decoder = RNNTransducer(replace(config.rnnt, vocab_size=vocab, encoder_dim=width,
+                                        blank_id=tokenizer.blank_id))
+    ctc = None
+    if config.ctc:
+        ctc = CTCHead(replace(config.ctc_head, vocab_size=vocab, encoder_dim=width,
+                              blank_id=tokenizer.blank_id))
     spec_augment = SpecAugment(config.spec_augment) if config.spec_augment is not None else None
     return E2EASR(
         frontend,
@@ -519,13 +431,10 @@ __all__ = [
     "DecodingConfig",
     "E2EASR",
     "ModelConfig",
-    "RNNTSettings",
     "TokenizerConfig",
-    "TransformerSettings",
     "build_model",
     "load_checkpoint",
     "make_decoder_io",
-    "pad_waveforms",
     "read_checkpoint",
     "safe_load",
     "save_checkpoint",

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from asrkd.data.audio_processing import FeatureConfig, SpecAugmentConfig
-from asrkd.models.e2e_asr import ModelConfig, RNNTSettings, TokenizerConfig, TransformerSettings
+from asrkd.models.e2e_asr import ModelConfig, TokenizerConfig
 from asrkd.models.encoder import FastConformerConfig
 from asrkd.models.frontend import ResNet1DConfig
+from asrkd.models.rnnt import RNNTConfig
+from asrkd.models.transformer_decoder import TransformerDecoderConfig
 
 
 def student_cpu(decoder: str = "transformer") -> ModelConfig:
@@ -33,8 +35,8 @@ def student_cpu(decoder: str = "transformer") -> ModelConfig:
         ),
         tokenizer=TokenizerConfig(kind="char"),
         decoder=decoder,
-        transformer=TransformerSettings(d_model=96, n_heads=4, n_layers=1, ff_dim=384,
-                                        dropout=0.0),
-        rnnt=RNNTSettings(pred_dim=96, joint_dim=96, dropout=0.0),
+        transformer=TransformerDecoderConfig(d_model=None, n_heads=4, n_layers=1, ff_dim=None,
+                                             dropout=0.0),
+        rnnt=RNNTConfig(pred_dim=96, joint_dim=96, dropout=0.0),
         spec_augment=SpecAugmentConfig(freq_masks=2, freq_width=15, time_masks=5),
     )

@@ -12,13 +12,13 @@ from asrkd.data.audio_processing import FeatureConfig, SpecAugmentConfig
 from asrkd.models.e2e_asr import (
     E2EASR,
     ModelConfig,
-    RNNTSettings,
     TokenizerConfig,
-    TransformerSettings,
     load_checkpoint,
 )
 from asrkd.models.encoder import FastConformerConfig
 from asrkd.models.frontend import ResNet1DConfig
+from asrkd.models.rnnt import RNNTConfig
+from asrkd.models.transformer_decoder import TransformerDecoderConfig
 
 
 def teacher_cpu(decoder: str = "transformer") -> ModelConfig:
@@ -59,9 +59,10 @@ def teacher_cpu(decoder: str = "transformer") -> ModelConfig:
         ),
         tokenizer=TokenizerConfig(kind="char"),
         decoder=decoder,
-        transformer=TransformerSettings(d_model=176, n_heads=4, n_layers=2, ff_dim=704,
-                                        dropout=0.0),
-        rnnt=RNNTSettings(pred_dim=176, joint_dim=176, dropout=0.0),
+        # Decoder width and feed-forward size follow the encoder (d176, 4 x 176).
+        transformer=TransformerDecoderConfig(d_model=None, n_heads=4, n_layers=2, ff_dim=None,
+                                             dropout=0.0),
+        rnnt=RNNTConfig(pred_dim=176, joint_dim=176, dropout=0.0),
         spec_augment=SpecAugmentConfig(freq_masks=2, freq_width=15, time_masks=5),
     )
 
@@ -72,10 +73,9 @@ def _fastconformer(d_model: int, n_layers: int, n_heads: int, decoder: str) -> M
         frontend=ResNet1DConfig(channels=(256,), strides=(1,)),
         encoder=FastConformerConfig(d_model=d_model, n_heads=n_heads, n_layers=n_layers),
         decoder=decoder,
-        transformer=TransformerSettings(
-            d_model=d_model, n_heads=n_heads, n_layers=6, ff_dim=4 * d_model
-        ),
-        rnnt=RNNTSettings(pred_dim=640, joint_dim=640),
+        transformer=TransformerDecoderConfig(d_model=None, n_heads=n_heads, n_layers=6,
+                                             ff_dim=None),
+        rnnt=RNNTConfig(pred_dim=640, joint_dim=640),
     )
 
 

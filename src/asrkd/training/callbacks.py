@@ -1,13 +1,156 @@
-"""Cross-cutting training concerns as Lightning callbacks."""
+"""Cross-cutting training concerns as Lightning callbacks (the engineering around the
+:class:`~asrkd.modelmodule.ModelModule`, which holds the science)."""
 
 from __future__ import annotations
 
 import hashlib
+import random
 import time
 
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
+
+
+class TrainingDivergedError(RuntimeError):
+    """Too many batches in a row had a non-finite loss or gradient; the run stops."""
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states as plain containers (``weights_only`` loads them)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached = np.random.get_state()
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, cached],
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+
+
+class RNGState(L.Callback):
+    """Checkpoints the Python, numpy and torch RNG states.
+
+    Lightning restores weights, optimizer, scheduler, loops and (through the resumable data
+    loader) the data position; with the RNG states too, dropout and SpecAugment of a resumed
+    run draw what the uninterrupted run drew (bit-identical resume)."""
+
+    def state_dict(self) -> dict:
+        return {"rng": rng_state()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if "rng" in state_dict:
+            set_rng_state(state_dict["rng"])
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:  # noqa: ANN001
+        if "asrkd_rng" in checkpoint:  # written by asrkd before the state lived here
+            set_rng_state(checkpoint["asrkd_rng"])
+
+
+class NonFiniteGuard(L.Callback):
+    """One bad batch must not poison the weights: a batch whose loss or gradient is NaN/inf
+    gets no update (its gradients are dropped before clipping and the optimizer step) and is
+    counted in ``train/skipped_batches``; ``max_in_a_row`` such batches in a row stop the run
+    with :class:`TrainingDivergedError` (the last checkpoint on disk predates them).
+
+    Every rank backpropagates every batch, so distributed runs need no special case: a
+    non-finite gradient reaches all ranks through the all-reduce, and each drops it.
+    """
+
+    def __init__(self, max_in_a_row: int = 20) -> None:
+        self.max_in_a_row = max_in_a_row
+        self.skipped = 0
+        self.in_a_row = 0
+        self._loss_was_bad = False
+
+    def _skip(self, trainer: L.Trainer, pl_module: L.LightningModule, why: str) -> None:
+        self.skipped += 1
+        self.in_a_row += 1
+        pl_module.log("train/skipped_batches", float(self.skipped), batch_size=1)
+        rank_zero_info(f"warning: skipped a batch at step {trainer.global_step}: {why}")
+        if self.in_a_row >= self.max_in_a_row:
+            raise TrainingDivergedError(
+                f"{self.in_a_row} batches in a row had a non-finite loss or gradient (last "
+                f"at step {trainer.global_step}: {why}); stopped. Their updates were skipped, "
+                "and the last checkpoint on disk predates them: lower training.optim.lr or "
+                "check the data, then continue with --resume"
+            )
+
+    def on_before_backward(self, trainer, pl_module, loss: torch.Tensor) -> None:  # noqa: ANN001
+        if not torch.isfinite(loss):
+            self._loss_was_bad = True
+            self._skip(trainer, pl_module, f"loss is {float(loss.detach())}")
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:  # noqa: ANN001
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        loss_was_bad, self._loss_was_bad = self._loss_was_bad, False
+        if not grads:
+            return
+        if not torch.isfinite(torch.stack([g.detach().abs().max() for g in grads])).all():
+            # A parameter without a gradient is left alone by the optimizer.
+            optimizer.zero_grad(set_to_none=True)
+            if not loss_was_bad:  # else counted already
+                self._skip(trainer, pl_module, "non-finite gradient")
+            return
+        self.in_a_row = 0
+
+    def state_dict(self) -> dict:
+        return {"skipped_batches": self.skipped}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.skipped = int(state_dict.get("skipped_batches", 0))
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:  # noqa: ANN001
+        if "asrkd_counters" in checkpoint:  # written by asrkd before the state lived here
+            self.skipped = int(checkpoint["asrkd_counters"].get("skipped_batches", 0))
+
+
+class ImpossibleCTCCounter(L.Callback):
+    """Counts training utterances with fewer encoder frames than tokens (``train/
+    impossible_ctc``): CTC cannot align them and ``zero_infinity`` turns their loss into 0, so
+    without this the model quietly learns nothing from them (too many tokens per second for
+    the subsampling). Warns once."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._warned = False
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        model = pl_module.model
+        if batch is None or model.ctc is None:
+            return
+        _, target_lengths = pl_module.targets(batch)
+        frames = model.features.output_lengths(batch["audio_lengths"]) // model.subsampling_factor
+        impossible = int((frames < target_lengths.to(frames.device)).sum())
+        self.count += impossible
+        if impossible and not self._warned:
+            self._warned = True
+            rank_zero_info(
+                f"warning: {impossible} utterances in a batch have more tokens than encoder "
+                "frames, so CTC cannot learn them; use a subword tokenizer or a smaller "
+                "subsampling_factor (counted in train/impossible_ctc)"
+            )
+        pl_module.log("train/impossible_ctc", float(self.count), batch_size=len(frames))
+
+    def state_dict(self) -> dict:
+        return {"impossible_ctc": self.count}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.count = int(state_dict.get("impossible_ctc", 0))
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:  # noqa: ANN001
+        if "asrkd_counters" in checkpoint:
+            self.count = int(checkpoint["asrkd_counters"].get("impossible_ctc", 0))
 
 
 def parameters_fingerprint(module: torch.nn.Module) -> str:

@@ -26,14 +26,20 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from asrkd.data.tokenizer import BLANK_ID
 from asrkd.models.common import make_pad_mask
+from asrkd.models.transformer_decoder import make_decoder_io
+from asrkd.utils.metrics import align_counts
 
-BLANK_ID = 0
+if TYPE_CHECKING:
+    from asrkd.models.e2e_asr import E2EASR, ASROutput
+    from asrkd.training.distillation import KDConfig
 
 # Stand-in for log(0) in the RNN-T lattice recursions: finite so that cumulative sums never
 # produce inf - inf = nan, and small enough that exp() of it is exactly 0 in float64.
@@ -264,6 +270,21 @@ class CTCFrameKD(nn.Module):
             )
         return weights
 
+    requires = "a CTC head"
+
+    @staticmethod
+    def applies(teacher: E2EASR, student: E2EASR) -> bool:
+        return teacher.ctc is not None and student.ctc is not None
+
+    @classmethod
+    def from_config(cls, config: KDConfig, teacher: E2EASR, student: E2EASR) -> CTCFrameKD:
+        return cls(temperature=config.temperature, blank_weight=config.blank_weight,
+                   reduction=config.reduction)
+
+    def from_outputs(self, student: ASROutput, teacher: ASROutput, targets: torch.Tensor,
+                     target_lengths: torch.Tensor) -> torch.Tensor:
+        return self(student.ctc_logits, teacher.ctc_logits, student.encoder_lengths)
+
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, lengths: torch.Tensor
     ) -> torch.Tensor:
@@ -311,6 +332,21 @@ class TokenKD(nn.Module):
         super().__init__()
         self.temperature = _check_temperature(temperature)
         self.reduction = _check_reduction(reduction)
+
+    requires = "attention decoders"
+
+    @staticmethod
+    def applies(teacher: E2EASR, student: E2EASR) -> bool:
+        return teacher.decoder_type == student.decoder_type == "transformer"
+
+    @classmethod
+    def from_config(cls, config: KDConfig, teacher: E2EASR, student: E2EASR) -> TokenKD:
+        return cls(temperature=config.temperature, reduction=config.reduction)
+
+    def from_outputs(self, student: ASROutput, teacher: ASROutput, targets: torch.Tensor,
+                     target_lengths: torch.Tensor) -> torch.Tensor:
+        _, _, decoder_lengths = make_decoder_io(targets, target_lengths)
+        return self(student.decoder_logits, teacher.decoder_logits, decoder_lengths)
 
     def forward(
         self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, lengths: torch.Tensor
@@ -527,6 +563,22 @@ class RNNTKD(nn.Module):
         self.weighting = weighting
         self.checkpoint_chunks = bool(checkpoint_chunks)
 
+    requires = "RNN-T decoders"
+
+    @staticmethod
+    def applies(teacher: E2EASR, student: E2EASR) -> bool:
+        return teacher.decoder_type == student.decoder_type == "rnnt"
+
+    @classmethod
+    def from_config(cls, config: KDConfig, teacher: E2EASR, student: E2EASR) -> RNNTKD:
+        return cls(temperature=config.temperature, chunk_size=config.rnnt_chunk_size,
+                   reduction=config.reduction)
+
+    def from_outputs(self, student: ASROutput, teacher: ASROutput, targets: torch.Tensor,
+                     target_lengths: torch.Tensor) -> torch.Tensor:
+        return self(student.decoder_logits, teacher.decoder_logits, targets,
+                    student.encoder_lengths, target_lengths)
+
     def forward(
         self,
         student_joint: torch.Tensor,
@@ -730,6 +782,26 @@ class HiddenStateKD(nn.Module):
             nn.Linear(self.student_dims[s], self.teacher_dims[t]) for s, t in pairs
         )
 
+    requires = ""
+
+    @staticmethod
+    def applies(teacher: E2EASR, student: E2EASR) -> bool:
+        return True
+
+    @classmethod
+    def from_config(cls, config: KDConfig, teacher: E2EASR, student: E2EASR) -> HiddenStateKD:
+        n_student = student.encoder.config.n_layers
+        n_teacher = teacher.encoder.config.n_layers
+        layer_map = config.layer_map or default_layer_map(n_student, n_teacher)
+        return cls([student.encoder.output_dim] * n_student,
+                   [teacher.encoder.output_dim] * n_teacher,
+                   [tuple(pair) for pair in layer_map], loss=config.hidden_loss,
+                   reduction=config.reduction)
+
+    def from_outputs(self, student: ASROutput, teacher: ASROutput, targets: torch.Tensor,
+                     target_lengths: torch.Tensor) -> torch.Tensor:
+        return self(student.hidden_states, teacher.hidden_states, student.encoder_lengths)
+
     def forward(
         self,
         student_hidden: Sequence[torch.Tensor],
@@ -790,16 +862,6 @@ class HiddenStateKD(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def _edit_distance(a: Sequence[int], b: Sequence[int]) -> int:
-    prev = list(range(len(b) + 1))
-    for i, x in enumerate(a, 1):
-        cur = [i]
-        for j, y in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (x != y)))
-        prev = cur
-    return prev[-1]
-
-
 def nbest_agreement(nbest: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
     """Agreement of each utterance's n-best list with its 1-best, in [0, 1].
 
@@ -820,7 +882,7 @@ def nbest_agreement(nbest: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
             continue
         best = list(hyps[0])
         scores = [
-            1.0 - min(1.0, _edit_distance(best, list(h)) / max(len(best), 1)) for h in hyps[1:]
+            1.0 - min(1.0, align_counts(best, list(h)).errors / max(len(best), 1)) for h in hyps[1:]
         ]
         out.append(sum(scores) / len(scores))
     return torch.tensor(out, dtype=torch.float32)
@@ -885,6 +947,8 @@ def filter_pseudo_labels(
 # Registry
 # ---------------------------------------------------------------------------------------------
 
+# The one registry of KD losses: ``KDLoss`` builds each from a KDConfig with ``from_config``
+# and feeds it teacher and student outputs with ``from_outputs``.
 KD_LOSSES: dict[str, type[nn.Module]] = {
     "ctc_kl": CTCFrameKD,
     "token_kl": TokenKD,
@@ -909,7 +973,6 @@ def build_kd_loss(name: str, **kwargs: object) -> nn.Module:
 
 
 __all__ = [
-    "BLANK_ID",
     "REDUCTIONS",
     "KD_LOSSES",
     "CTCFrameKD",

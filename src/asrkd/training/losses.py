@@ -34,6 +34,7 @@ __all__ = [
     "HiddenStateKD",
     "KD_LOSSES",
     "RNNTKD",
+    "Supervised",
     "TokenKD",
     "build_kd_loss",
     "check_kd_compatibility",
@@ -132,3 +133,19 @@ class ASRLoss(nn.Module):
             weight = self.config.ctc_weight
             parts["total"] = weight * parts["ctc"] + (1 - weight) * decoder_loss
         return parts
+
+
+class Supervised(nn.Module):
+    """The objective of a run without distillation: ``asr_loss`` on ``model``'s output, called
+    like :class:`~asrkd.models.distillation.KDWrapper` (``keys`` unused)."""
+
+    def __init__(self, model: nn.Module, asr_loss: ASRLoss) -> None:
+        super().__init__()
+        self.model = model
+        self.asr_loss = asr_loss
+
+    def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: torch.Tensor,
+                target_lengths: torch.Tensor, keys: list[str] | None = None
+                ) -> dict[str, torch.Tensor]:
+        output = self.model(audio, audio_lengths, targets, target_lengths)
+        return self.asr_loss(output, targets, target_lengths)

@@ -15,23 +15,25 @@ from asrkd.config import ConfigError, deep_merge, from_dict, load_yaml, parse_ov
 from asrkd.data.datamodule import ASRDataModule
 from asrkd.data.dataset import ManifestDataset, duration_batches
 from asrkd.data.tokenizer import Tokenizer, build_tokenizer
-from asrkd.modelmodule import ModelModule, OptimConfig
-from asrkd.models.ctc import ctc_prefix_beam_search
-from asrkd.models.distillation import KDConfig
+from asrkd.decoding.ctc import ctc_prefix_beam_search
+from asrkd.modelmodule import ModelModule
+from asrkd.models.common import pad_sequences
 from asrkd.models.e2e_asr import (
     E2EASR,
     CheckpointError,
     ModelConfig,
     load_checkpoint,
-    pad_waveforms,
     read_checkpoint,
     safe_load,
     save_checkpoint,
 )
 from asrkd.models.lm import LMFusion, NGramLM
 from asrkd.models.presets import get_preset
+from asrkd.training.builder import build_module
 from asrkd.training.checkpointing import resume_checkpoint
+from asrkd.training.distillation import KDConfig
 from asrkd.training.losses import ASRLossConfig
+from asrkd.training.optim import OptimConfig
 from asrkd.training.trainer import build_trainer
 from asrkd.utils.io import atomic_write_text
 from asrkd.utils.metrics import char_errors, corpus_error_rates, word_errors
@@ -183,19 +185,9 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     model_config = config.model_config()
     tokenizer = _tokenizer(config, model_config)
     training = config.training
-    module = ModelModule(
-        model_config,
-        tokenizer.to_dict(),
-        use_kd=training.use_kd,
-        teacher_checkpoint=_resolve(training.teacher_checkpoint),
-        kd_config=training.kd,
-        asr_loss=training.asr_loss,
-        optim=training.optim,
-        val_decoding=training.val_decoding,
-        distil_final_output=training.distil_final_output,
-        teacher_cache=_resolve(training.teacher_cache),
-        max_bad_batches_in_a_row=training.max_bad_batches_in_a_row,
-    )
+    module = build_module(model_config, tokenizer, training,
+                          teacher_checkpoint=_resolve(training.teacher_checkpoint),
+                          teacher_cache=_resolve(training.teacher_cache))
     data = config.data
     datamodule = ASRDataModule(
         train_manifest=_resolve(data.train_manifest),
@@ -222,6 +214,7 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         config.trainer, output_dir, training.early_stopping_patience,
         checkpoint_every_n_steps=training.checkpoint_every_n_steps,
         regularization_warmup_steps=training.regularization_warmup_steps,
+        max_bad_batches_in_a_row=training.max_bad_batches_in_a_row,
     )
     start_from = resume_checkpoint(output_dir) if resume else None
     if start_from is not None:
@@ -241,7 +234,7 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "val_history": callbacks["history"].history,
-        "skipped_batches": module.skipped_batches,
+        "skipped_batches": callbacks["guard"].skipped,
     }
     if trainer.is_global_zero:
         save_checkpoint(module.model, output_dir / "model.ckpt", extra={"train": result})
@@ -292,7 +285,7 @@ def evaluate(
     with torch_threads(threads):
         for batch in duration_batches(dataset.entries, batch_seconds):
             items = [dataset[i] for i in batch]
-            audio, lengths = pad_waveforms([item["audio"] for item in items])
+            audio, lengths = pad_sequences([item["audio"] for item in items])
             hypotheses = model.infer(audio, lengths, method=method, fusion=fusion)
             compute += best_time(
                 partial(model.infer, audio, lengths, method=method, fusion=fusion),
@@ -368,7 +361,7 @@ def tune_fusion(
     with torch_threads(threads), torch.inference_mode():
         for batch in duration_batches(dataset.entries, batch_seconds):
             items = [dataset[i] for i in batch]
-            audio, lengths = pad_waveforms([item["audio"] for item in items])
+            audio, lengths = pad_sequences([item["audio"] for item in items])
             encoded = model.encode(audio, lengths)
             posteriors.append((model.ctc.log_probs(encoded.output), encoded.lengths))
             references += [normalizer(dataset.entries[i].text or "") for i in batch]

@@ -36,8 +36,8 @@ from collections import Counter
 from pathlib import Path
 
 from asrkd.data.dataset import ManifestDataset, duration_batches
-from asrkd.models.common import Hypothesis
-from asrkd.models.e2e_asr import DECODING_METHODS, E2EASR, load_checkpoint, pad_waveforms
+from asrkd.models.common import Hypothesis, pad_sequences
+from asrkd.models.e2e_asr import DECODING_METHODS, E2EASR, load_checkpoint
 from asrkd.training.kd_losses import filter_pseudo_labels
 from asrkd.utils.metrics import char_errors, corpus_error_rates
 from asrkd.utils.threads import torch_threads
@@ -141,7 +141,7 @@ def pseudo_label(
     agreement: list[float | None] = [None] * len(entries)
     for batch in duration_batches(entries, batch_seconds):
         items = [dataset[i] for i in batch]
-        audio, lengths = pad_waveforms([item["audio"] for item in items])
+        audio, lengths = pad_sequences([item["audio"] for item in items])
         found = model.infer(audio, lengths, method=method, beam_size=beam_size)
         second = None
         if agreement_with is not None:

@@ -42,10 +42,10 @@ import torch
 from torch import nn
 
 from asrkd.data.dataset import ManifestDataset, duration_batches, utterance_key
-from asrkd.models.common import make_pad_mask
-from asrkd.models.e2e_asr import E2EASR, load_checkpoint, pad_waveforms
+from asrkd.data.tokenizer import BLANK_ID
+from asrkd.models.common import make_pad_mask, pad_sequences
+from asrkd.models.e2e_asr import E2EASR, ASROutput, load_checkpoint
 from asrkd.training.kd_losses import (
-    BLANK_ID,
     _check_reduction,
     _check_temperature,
     _reduce,
@@ -113,7 +113,7 @@ def cache_teacher(
         with torch.no_grad():
             for batch in duration_batches(entries, batch_seconds):
                 items = [dataset[wanted[i]] for i in batch]
-                audio, lengths = pad_waveforms([item["audio"] for item in items])
+                audio, lengths = pad_sequences([item["audio"] for item in items])
                 out = model(audio.to(device), lengths.to(device))
                 log_probs = torch.log_softmax(_upcast(out.ctc_logits) / temperature, dim=-1)
                 values, indices = log_probs.topk(k, dim=-1)  # (B, T, k), largest first
@@ -368,6 +368,53 @@ class CachedCTCFrameKD(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+class CachedTeacher:
+    """A teacher source (:class:`~asrkd.models.distillation.TeacherSource`) that reads a
+    :class:`TeacherCache` instead of running the teacher: its stored top-k CTC posteriors for
+    the batch, padded to the student's frames, as ``(values, indices, lengths)``."""
+
+    teacher = None  # no model runs
+
+    def __init__(self, cache: TeacherCache) -> None:
+        self.cache = cache
+
+    def __call__(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: torch.Tensor,
+                 target_lengths: torch.Tensor, *, keys: list[str] | None, student: ASROutput,
+                 need_hidden: bool, training: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        if keys is None:
+            raise ValueError("KD from a teacher cache needs the batch's utterance keys")
+        if not training and not all(key in self.cache for key in keys):
+            # Validation audio is usually not in a cache written over the training set: the
+            # validation loss is then the student's ASR loss (checkpoints follow val_wer).
+            return None
+        logits = student.ctc_logits
+        values, indices, lengths = self.cache.batch(keys, logits.shape[1], logits.shape[-1])
+        device = logits.device
+        return values.to(device), indices.to(device), lengths.to(device)
+
+
+class CachedCTCKD(nn.Module):
+    """The KD loss of a :class:`CachedTeacher`: :class:`CachedCTCFrameKD` on the student's
+    CTC logits, as ``kd_ctc_kl`` and ``kd`` (times ``weight``)."""
+
+    names = ("ctc_kl",)
+    needs_hidden = False
+
+    def __init__(self, temperature: float = 2.0, blank_weight: float = 1.0,
+                 reduction: str = "utterance", weight: float = 1.0) -> None:
+        super().__init__()
+        self.loss = CachedCTCFrameKD(temperature, blank_weight, reduction)
+        self.weight = float(weight)
+
+    def forward(self, student: ASROutput,
+                teacher: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+                targets: torch.Tensor, target_lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+        values, indices, lengths = teacher
+        kd = self.loss(student.ctc_logits, values, indices, student.encoder_lengths, lengths)
+        return {"kd_ctc_kl": kd, "kd": self.weight * kd}
+
+
 def cmd_cache_teacher(args: argparse.Namespace) -> None:
     """``asrkd cache-teacher``: write the cache and print its stats as JSON."""
     with torch_threads(args.threads):
@@ -404,6 +451,8 @@ def add_cache_teacher_parser(subparsers: argparse._SubParsersAction) -> argparse
 __all__ = [
     "CACHE_FORMAT",
     "CachedCTCFrameKD",
+    "CachedCTCKD",
+    "CachedTeacher",
     "TeacherCache",
     "TeacherCacheKeyError",
     "add_cache_teacher_parser",

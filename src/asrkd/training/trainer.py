@@ -11,8 +11,11 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 
 from asrkd.config import ConfigError, unknown_key_error
 from asrkd.training.callbacks import (
+    ImpossibleCTCCounter,
+    NonFiniteGuard,
     PlainProgress,
     RegularizationWarmup,
+    RNGState,
     TeacherStaysFrozen,
     TrainingTimer,
     ValidationHistory,
@@ -72,6 +75,7 @@ def build_trainer(
     extra_callbacks: list[L.Callback] | None = None,
     checkpoint_every_n_steps: int = 50,
     regularization_warmup_steps: int = 0,
+    max_bad_batches_in_a_row: int = 20,
 ) -> tuple[L.Trainer, dict[str, L.Callback]]:
     """A Trainer with our callbacks; ``trainer_config`` holds Lightning Trainer arguments.
 
@@ -80,7 +84,8 @@ def build_trainer(
     continues from). Both are written atomically and loaded with ``weights_only=True``.
 
     Returns the trainer and the named callbacks (``checkpoint``, ``last``, ``timer``,
-    ``history``, ``teacher``).
+    ``history``, ``teacher``, ``guard`` (non-finite batches, see :class:`NonFiniteGuard`),
+    ``rng``, ``impossible_ctc``).
     """
     valid = set(inspect.signature(L.Trainer.__init__).parameters) - {"self"}
     for key in trainer_config:
@@ -114,6 +119,9 @@ def build_trainer(
         "timer": timer,
         "history": ValidationHistory(timer),
         "teacher": TeacherStaysFrozen(),
+        "guard": NonFiniteGuard(max_bad_batches_in_a_row),
+        "rng": RNGState(),
+        "impossible_ctc": ImpossibleCTCCounter(),
     }
     callbacks: list[L.Callback] = [*named.values(), LearningRateMonitor("step")]
     if regularization_warmup_steps > 0:

@@ -1,4 +1,7 @@
-"""Timing helpers shared by ``asrkd bench`` and the scripts in benchmarks/."""
+"""Timing helpers shared by ``asrkd bench`` and the scripts in benchmarks/.
+
+Standard library only: ``benchmarks/nemo_compare.py`` loads this file by path inside NeMo's
+virtual environment, where asrkd is not installed."""
 
 from __future__ import annotations
 
@@ -8,11 +11,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 
-def best_time(
+def run_times(
     fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0,
     max_repeats: int = 50,
-) -> float:
-    """Best wall time of ``fn()`` after ``warmup`` untimed runs.
+) -> list[float]:
+    """Wall times of the timed runs of ``fn()``, after ``warmup`` untimed runs.
 
     Runs at least ``repeats`` times and keeps going until the timed runs add up to
     ``min_seconds`` (at most ``max_repeats`` runs), as :mod:`timeit`'s autorange does: a call
@@ -21,13 +24,21 @@ def best_time(
     """
     for _ in range(warmup):
         fn()
-    best, spent, runs = float("inf"), 0.0, 0
-    while runs < max(1, repeats) or (spent < min_seconds and runs < max_repeats):
+    times: list[float] = []
+    while len(times) < max(1, repeats) or (sum(times) < min_seconds
+                                           and len(times) < max_repeats):
         start = time.perf_counter()
         fn()
-        elapsed = time.perf_counter() - start
-        best, spent, runs = min(best, elapsed), spent + elapsed, runs + 1
-    return best
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def best_time(
+    fn: Callable[[], object], repeats: int, warmup: int = 1, min_seconds: float = 0.0,
+    max_repeats: int = 50,
+) -> float:
+    """The fastest of :func:`run_times` (same arguments): the figure every benchmark reports."""
+    return min(run_times(fn, repeats, warmup, min_seconds, max_repeats))
 
 
 def cpu_model() -> str:
@@ -59,4 +70,4 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-__all__ = ["best_time", "cpu_model", "peak_rss_mb"]
+__all__ = ["best_time", "cpu_model", "peak_rss_mb", "run_times"]
