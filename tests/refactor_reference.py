@@ -1,11 +1,12 @@
 """Fixed checkpoints and batch whose losses and transcripts must not change in a refactor.
 
-``python tests/refactor_reference.py`` (run once, before a refactor) writes the tiny
-checkpoints in ``tests/data/refactor/`` if they are missing and records ``reference.json``:
+``python tests/refactor_reference.py`` (run once, before a refactor) builds tiny seeded
+checkpoints and records ``tests/data/refactor/reference.json``:
 every ASR loss part, every KD loss part (``ctc_kl``, ``token_kl``, ``rnnt_kl``, ``hidden``)
 and the transcripts of every decoding method, for a hybrid CTC/attention pair and a
-CTC/RNN-T pair. ``tests/test_refactor_invariance.py`` recomputes them with the code of the
-day. Only :func:`measure` touches the library's API, so after an API change it is the one
+CTC/RNN-T pair. ``tests/test_refactor_invariance.py`` rebuilds the same checkpoints (the
+seeded initial weights are part of what must not change) and recomputes them with the code of
+the day. Only :func:`measure` touches the library's API, so after an API change it is the one
 place to adapt (it did: ``KDWrapper.from_config`` became ``build_kd``); the recorded numbers
 stay.
 """
@@ -48,7 +49,7 @@ def _config(decoder: str, width: int, layers: int):
     )
 
 
-def write_checkpoints(folder: Path = HERE) -> None:
+def write_checkpoints(folder: Path) -> None:
     """Seeded tiny teacher (d32 x 2) and student (d16 x 1) per decoder, if not there yet."""
     from asrkd.data.tokenizer import CharTokenizer
     from asrkd.models.e2e_asr import build_model, save_checkpoint
@@ -77,7 +78,7 @@ def batch(tokenizer) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
     return audio, lengths, targets, torch.tensor([len(e) for e in encoded])
 
 
-def measure(folder: Path = HERE) -> dict:
+def measure(folder: Path) -> dict:
     """Loss parts and transcripts of both pairs on :func:`batch` (the library's API here)."""
     from asrkd.models.e2e_asr import load_checkpoint
     from asrkd.training.distillation import KDConfig, build_kd
@@ -107,9 +108,12 @@ def measure(folder: Path = HERE) -> dict:
 
 
 if __name__ == "__main__":
+    import tempfile
+
     HERE.mkdir(parents=True, exist_ok=True)
-    write_checkpoints()
-    values = measure()
+    with tempfile.TemporaryDirectory() as tmp:
+        write_checkpoints(Path(tmp))
+        values = measure(Path(tmp))
     out = HERE / "reference.json"
     out.write_text(json.dumps(values, indent=1, sort_keys=True) + "\n")
     print(f"wrote {out}", file=sys.stderr)
