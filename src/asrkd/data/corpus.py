@@ -29,6 +29,7 @@ import shutil
 import time
 import zlib
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,8 @@ import soundfile as sf
 import soxr
 
 from asrkd.data import corpus_vocab as V
-from asrkd.data.text import DIGIT_WORDS, TextNormalizer, number_to_words, ordinal_words, year_words
+from asrkd.data import text as _text
+from asrkd.data.text import DIGIT_WORDS, TextNormalizer
 from asrkd.data.tts import RATE_MAX, EspeakSynthesizer
 
 __all__ = [
@@ -68,6 +70,10 @@ _CHUNK = 25  # utterances per worker process (see the module docstring)
 # The corpus's text policy: lowercase a-z, apostrophes inside words and single spaces; digits
 # spelled as British English reads them ("one hundred and five"), other characters -> spaces.
 normalize_text = TextNormalizer(british_numbers=True, ascii_letters=True)
+# ... and the same reading wherever a sentence template spells a number.
+number_to_words = partial(_text.number_to_words, british=True)
+ordinal_words = partial(_text.ordinal_words, british=True)
+year_words = partial(_text.year_words, british=True)
 
 
 # Word lists longer than this are cut to a core vocabulary (see SentenceGenerator).
@@ -177,7 +183,7 @@ class SentenceGenerator:
             return _join(det, self.adjs(0.4, 0.05), V.plural(noun)), False
         count = self.small_number()
         word = noun if count == 1 else V.plural(noun)
-        return _join(number_to_words(count, british=True), self.adjs(0.3, 0.0), word), count == 1
+        return _join(number_to_words(count), self.adjs(0.3, 0.0), word), count == 1
 
     def small_number(self) -> int:
         r = self.rng.random()
@@ -228,7 +234,7 @@ class SentenceGenerator:
         return f"at {self.clock_time()}"
 
     def clock_time(self) -> str:
-        hour = number_to_words(int(self.rng.integers(1, 13)), british=True)
+        hour = number_to_words(int(self.rng.integers(1, 13)))
         r = self.rng.random()
         if r < 0.3:
             return f"{hour} o'clock"
@@ -237,7 +243,7 @@ class SentenceGenerator:
         if r < 0.55:
             return f"quarter to {hour}"
         minute = int(self.rng.integers(1, 60))
-        return f"{hour} {'oh ' if minute < 10 else ''}{number_to_words(minute, british=True)}"
+        return f"{hour} {'oh ' if minute < 10 else ''}{number_to_words(minute)}"
 
     def extras(self, p_where: float = 0.4, p_when: float = 0.3) -> str:
         return _join(
@@ -347,7 +353,7 @@ class SentenceGenerator:
         return _join(
             "there",
             be,
-            number_to_words(count, british=True),
+            number_to_words(count),
             self.adjs(0.4, 0.05),
             noun if count == 1 else V.plural(noun),
             self.where(),
@@ -393,9 +399,9 @@ class SentenceGenerator:
         return _join(subj, self.pick(V.SPEECH_VERBS), "that", self._past_transitive())
 
     def _money(self) -> str:
-        amount = number_to_words(self.small_number(), british=True)
+        amount = number_to_words(self.small_number())
         cents = (
-            f"and {number_to_words(int(self.rng.integers(1, 100)), british=True)} cents"
+            f"and {number_to_words(int(self.rng.integers(1, 100)))} cents"
             if self.chance(0.3)
             else ""
         )
@@ -426,7 +432,7 @@ class SentenceGenerator:
                 "is on",
                 self.pick(V.WEEKDAYS),
                 "the",
-                ordinal_words(int(self.rng.integers(1, 32)), british=True),
+                ordinal_words(int(self.rng.integers(1, 32))),
                 "of",
                 self.pick(V.MONTHS),
             )
@@ -446,7 +452,7 @@ class SentenceGenerator:
             self.name(),
             self.pick(("was born", "moved to " + self.place(), "started school", "got married")),
             "in",
-            year_words(year, british=True),
+            year_words(year),
         )
 
     def _digits(self) -> str:

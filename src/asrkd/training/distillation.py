@@ -8,7 +8,7 @@ configured losses of the one registry, :data:`~asrkd.training.kd_losses.KD_LOSSE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -151,7 +151,7 @@ def build_kd(
             )
         hidden = [i for i, name in enumerate(config.losses) if name == "hidden"]
         weights = None if config.weights is None else tuple(config.weights[i] for i in hidden)
-        config = KDConfig(**{**config.__dict__, "losses": ("hidden",), "weights": weights})
+        config = replace(config, losses=("hidden",), weights=weights)
     return KDWrapper(teacher, student, asr_loss_fn, KDLoss(config, teacher, student),
                      distil_final_output, config.alpha)
 
