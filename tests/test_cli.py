@@ -29,6 +29,29 @@ def test_user_errors_are_one_line_and_nonzero(tmp_path):
     assert "Traceback" not in process.stderr
 
 
+def test_config_value_errors_are_user_errors_but_bugs_keep_their_traceback(monkeypatch, capsys):
+    import asrkd.cli as cli
+    from asrkd.errors import ConfigError, UserError
+    from asrkd.models.encoder import FastConformerConfig
+
+    with pytest.raises(ConfigError, match="conv_kernel"):
+        FastConformerConfig(conv_kernel=4)
+    assert issubclass(ConfigError, UserError) and issubclass(UserError, ValueError)
+
+    def user_problem(args):
+        raise UserError("the manifest is empty")
+
+    def bug(args):
+        raise ValueError("shape mismatch (B, T) vs (B, U)")
+
+    monkeypatch.setattr(cli, "cmd_presets", user_problem)
+    assert cli.main(["presets"]) == 2
+    assert "asrkd presets: error: the manifest is empty" in capsys.readouterr().err
+    monkeypatch.setattr(cli, "cmd_presets", bug)
+    with pytest.raises(ValueError, match="shape mismatch"):
+        cli.main(["presets"])
+
+
 def test_infer_folder_expands_to_audio_only(tmp_path):
     (tmp_path / "a.wav").write_bytes(b"")
     (tmp_path / "notes.txt").write_text("not audio")
@@ -75,6 +98,20 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
     process = run_cli("demo", "--quick", "--out", str(tmp_path / "report"), "--corpus",
                       str(tmp_path / "corpus"), "--exp", str(tmp_path / "exp"))
     assert process.returncode == 0 and process.stdout.count("reusing") == 3
+    # `asrkd recipe` is the same orchestration on manifests a user prepared: given the demo's
+    # corpus and checkpoints it reuses the three stages and writes its own report
+    process = run_cli("recipe", "--corpus", str(tmp_path / "corpus"), "--exp",
+                      str(tmp_path / "exp"), "--out", str(tmp_path / "recipe"), "--teacher-steps",
+                      "6", "--student-steps", "4", "--teacher-cache", "--title", "my corpus",
+                      "--summary", "the quick demo's corpus")
+    assert process.returncode == 0 and process.stdout.count("reusing") == 3, process.stderr[-2000:]
+    report = (tmp_path / "recipe" / "report.md").read_text()
+    assert report.startswith("# my corpus") and "the quick demo's corpus" in report
+    recipe_metrics = json.loads((tmp_path / "recipe" / "metrics.json").read_text())
+    assert recipe_metrics["teacher"]["checkpoint"] == metrics["teacher"]["checkpoint"]
+    process = run_cli("recipe", "--corpus", str(tmp_path / "corpus"), "--student", "nowhere.yaml",
+                      "--exp", str(tmp_path / "exp"), "--out", str(tmp_path / "recipe"))
+    assert process.returncode == 2 and "nowhere.yaml not found" in process.stderr
 
 
 @pytest.mark.slow

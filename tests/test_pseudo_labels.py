@@ -2,19 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 
 import pytest
 import torch
 
+from asrkd.cli import build_parser
 from asrkd.data.dataset import read_manifest
 from asrkd.data.tokenizer import CharTokenizer
 from asrkd.models.common import Hypothesis
 from asrkd.models.e2e_asr import build_model, save_checkpoint
 from asrkd.training.pseudo_labels import (
-    add_pseudo_label_parser,
     per_token_confidence,
     pseudo_label,
     transcript_agreement,
@@ -149,8 +148,7 @@ def test_confidence_is_per_token_for_every_decoder():
 def test_cli_and_method_errors(tmp_path, tiny_corpus, teacher, capsys):
     ckpt = save_checkpoint(teacher, tmp_path / "teacher.ckpt")
     manifest = _unlabelled(tiny_corpus, tmp_path, "test")
-    parser = argparse.ArgumentParser()
-    add_pseudo_label_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(
         [
             "pseudo-label",

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import pytest
 import torch
 
+from asrkd.cli import build_parser
 from asrkd.data.dataset import ManifestDataset
 from asrkd.data.tokenizer import CharTokenizer
 from asrkd.models.common import pad_sequences
@@ -18,7 +18,6 @@ from asrkd.training.teacher_cache import (
     CachedCTCFrameKD,
     TeacherCache,
     TeacherCacheKeyError,
-    add_cache_teacher_parser,
     cache_teacher,
     utterance_key,
 )
@@ -225,8 +224,7 @@ def test_validation_audio_outside_the_cache_gets_the_asr_loss(
 def test_cli_writes_the_cache(tmp_path, small_manifest, teacher_and_student, capsys):
     teacher, _ = teacher_and_student
     ckpt = save_checkpoint(teacher, tmp_path / "teacher.ckpt")
-    parser = argparse.ArgumentParser()
-    add_cache_teacher_parser(parser.add_subparsers(dest="command"))
+    parser = build_parser()
     args = parser.parse_args(
         [
             "cache-teacher",

@@ -20,7 +20,7 @@ import sys
 from dataclasses import replace
 from pathlib import Path
 
-from asrkd.demo import MANY_EPOCH_DROPOUT, DemoPlan, run_demo
+from asrkd.recipe import MANY_EPOCH_DROPOUT, RecipePlan, run_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -36,10 +36,10 @@ OVERRIDES = [
 # search with a character 6-gram LM of the training transcripts (weight, bonus and the penalty
 # for words outside them tuned per model on the validation speakers), the comparison with
 # the results that use an LM (Kaldi's decodes with AN4's word list and unigram LM).
-FULL = DemoPlan(teacher_steps=2000, student_steps=1500, max_batch_seconds=60.0,
+FULL = RecipePlan(teacher_steps=2000, student_steps=1500, max_batch_seconds=60.0,
                 val_every_steps=100, warmup_steps=100, lm_order=6,
                 lm_penalties=(0.0, 4.0, 8.0))
-QUICK = DemoPlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
+QUICK = RecipePlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
                  val_every_steps=2, warmup_steps=1, lm_order=3, lm_weights=(0.0, 0.5),
                  lm_bonuses=(0.0, 1.0))
 
@@ -71,13 +71,13 @@ def main() -> None:
         raise SystemExit(f"AN4 not found at {args.shared} (pass --shared PATH)")
     corpus = args.exp / "manifests"
     stats = prepare(args.shared, corpus, limit=12 if args.quick else None)
-    run_demo(
+    run_recipe(
         report_dir=args.out,
         corpus_dir=corpus,
         exp_dir=args.exp,
         plan=replace(QUICK if args.quick else FULL, decoding=args.decoding),
         overrides=OVERRIDES,
-        corpus_stats=stats,
+        corpus_summary=stats["summary"],
         title="asrkd on real speech: CMU AN4",
         notes=PUBLISHED,
     )

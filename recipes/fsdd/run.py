@@ -11,10 +11,16 @@ reports/fsdd/fold_<speaker>/ per fold and reports/fsdd/report.md + metrics.json 
 schema, with means over folds, plus a ``folds`` table).
 
 ``--an4`` adds the CMU AN4 training set (``../shared/data/an4``: 948 utterances, 74 other
-speakers, many of them reading digit strings and spelling words) to training only, resampled
-to 8 kHz first so it has the same 4 kHz band as the FSDD recordings; validation and test stay
+speakers, many of them reading digit strings and spelling words) to training only, resampled to
+8 kHz first so it has the same 4 kHz band as the FSDD recordings; validation and test stay
 FSDD. Four training voices are what limits this task (the teachers reach validation WER 1.5-4 %
-on held-out recordings of those voices and 29-39 % on a new one); AN4 brings 74 more.
+on held-out recordings of those voices and 29-39 % on a new one); AN4 brings 74 more. Off by
+default: measured on the george fold (2026-12-02, 2-core VM, ``bash recipes/fsdd/run.sh --an4
+--folds george --out reports/fsdd_an4``), the same 800 teacher steps took 491 s instead of 242
+s (AN4 utterances are longer) and ended at validation WER 31 % on held-out FSDD recordings
+(1.5-4 % without AN4: FSDD is now a quarter of the training audio) and test WER 48.4 % on
+george (38.8 % without); students 87.8 % (no KD) and 81.2 % (KD). More voices need more steps
+than this recipe's budget gives.
 
 ``--synthetic N`` adds N spoken digits synthesised offline with espeak-ng's 354 voice variants
 (band-limited to 4 kHz like the 8 kHz recordings) to training only; validation and test stay
@@ -33,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 
 from asrkd.data.corpus import build_corpus
-from asrkd.demo import MANY_EPOCH_DROPOUT, DemoPlan, run_demo
+from asrkd.recipe import MANY_EPOCH_DROPOUT, RecipePlan, run_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
@@ -74,9 +80,9 @@ OVERRIDES = [
 # With AN4's sentences in the tokenizer's training text, 64 pieces split "eight" into five and
 # "nine" into three (too many for the shortest recordings); 96 keep every digit word whole.
 AN4_OVERRIDES = ["model.tokenizer.vocab_size=96"]
-FULL = DemoPlan(teacher_steps=800, student_steps=600, max_batch_seconds=20.0,
+FULL = RecipePlan(teacher_steps=800, student_steps=600, max_batch_seconds=20.0,
                 val_every_steps=100, warmup_steps=50)
-QUICK = DemoPlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
+QUICK = RecipePlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
                  val_every_steps=2, warmup_steps=1)
 
 
@@ -275,13 +281,13 @@ def main() -> None:
         corpus = exp / "manifests"
         stats = prepare(args.shared, corpus, limit=12 if args.quick else None,
                         synthetic=args.synthetic, test_speaker=speaker, an4=args.an4)
-        folds[speaker] = run_demo(
+        folds[speaker] = run_recipe(
             report_dir=args.out / f"fold_{speaker}",
             corpus_dir=corpus,
             exp_dir=exp,
             plan=QUICK if args.quick else FULL,
             overrides=OVERRIDES + (AN4_OVERRIDES if args.an4 is not None else []),
-            corpus_stats=stats,
+            corpus_summary=stats["summary"],
             title=f"asrkd on real speech: Free Spoken Digit Dataset, test speaker {speaker}",
         )
     extra = [f"{args.synthetic} synthetic spoken digits"] if args.synthetic else []

@@ -21,7 +21,7 @@ import json
 import sys
 from pathlib import Path
 
-from asrkd.demo import MANY_EPOCH_DROPOUT, DemoPlan, run_demo
+from asrkd.recipe import MANY_EPOCH_DROPOUT, RecipePlan, run_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -32,9 +32,9 @@ OVERRIDES = [
     # Many epochs of a small corpus: dropout 0.1, ramped (instead of the CPU presets' 0).
     *MANY_EPOCH_DROPOUT,
 ]
-FULL = DemoPlan(teacher_steps=2000, student_steps=1500, max_batch_seconds=60.0,
+FULL = RecipePlan(teacher_steps=2000, student_steps=1500, max_batch_seconds=60.0,
                 val_every_steps=100, warmup_steps=100)
-QUICK = DemoPlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
+QUICK = RecipePlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
                  val_every_steps=2, warmup_steps=1)
 # 40 training speakers are few: AN4's 74 speakers and LJSpeech's 32 sentences (real read
 # speech) join training; validation and test stay speechocean762.
@@ -85,13 +85,13 @@ def main() -> None:
     extra = extra_rows(args.extra, args.shared.parent, args.exp, args.quick)
     corpus = args.exp / "manifests"
     stats = prepare(args.shared, corpus, limit=12 if args.quick else None, extra_train=extra)
-    run_demo(
+    run_recipe(
         report_dir=args.out,
         corpus_dir=corpus,
         exp_dir=args.exp,
         plan=QUICK if args.quick else FULL,
         overrides=OVERRIDES,
-        corpus_stats=stats,
+        corpus_summary=stats["summary"],
         title="asrkd on real speech: speechocean762 (non-native English, adults and children)",
         notes=[
             "Test speakers and sentences are both unseen in training. References are the read "

@@ -13,22 +13,10 @@ import sys
 import time
 from pathlib import Path
 
+from asrkd.errors import UserError
+
 # What `make demo` produces: the scripts work with no arguments once it has run.
 DEFAULT_CKPT = "exp/demo/student_kd/model.ckpt"
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from asrkd.config import ConfigError
-    from asrkd.data.audio_processing import AudioError
-    from asrkd.data.dataset import ManifestError
-    from asrkd.models.e2e_asr import CheckpointError
-    from asrkd.training.callbacks import TrainingDivergedError
-    from asrkd.training.teacher_cache import TeacherCacheKeyError
-
-    return (
-        ConfigError, AudioError, ManifestError, CheckpointError, FileNotFoundError,
-        TeacherCacheKeyError, TrainingDivergedError,
-    )
 
 
 def cmd_corpus(args: argparse.Namespace) -> None:
@@ -83,7 +71,7 @@ def _fusion(args: argparse.Namespace):  # noqa: ANN202
     """The LMFusion that --lm/--lm-weight/--length-bonus ask for, or None."""
     if not getattr(args, "lm", None):
         if any(v is not None for v in (args.lm_weight, args.length_bonus, args.unk_penalty)):
-            raise ValueError("--lm-weight, --length-bonus and --unk-penalty need --lm")
+            raise UserError("--lm-weight, --length-bonus and --unk-penalty need --lm")
         return None
     from asrkd.models.lm import NGramLM
 
@@ -97,7 +85,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     fusion = _fusion(args)
     metrics = evaluate(
         args.ckpt, args.manifest, method=args.method, out_jsonl=args.out, threads=args.threads,
-        fusion=fusion,
+        fusion=fusion, timing_repeats=3 if args.rtfx else 0,
     )
     if fusion is not None:
         print(f"LM: {args.lm} (order {fusion.lm.order}), weight {fusion.weight:g}, "
@@ -126,7 +114,7 @@ def cmd_lm(args: argparse.Namespace) -> None:
     for path in args.text:
         texts += [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line]
     if not texts:
-        raise ValueError("no text to train the LM on: pass --manifest or --text")
+        raise UserError("no text to train the LM on: pass --manifest or --text")
     lm = train_lm(texts, model.tokenizer, order=args.order)
     print(f"{lm!r} from {len(texts)} sentences")
     if args.tune:
@@ -191,7 +179,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
         from asrkd.export import OnnxASR
 
         if args.lm:
-            raise ValueError("--lm works with --ckpt models (the ONNX runner decodes greedily)")
+            raise UserError("--lm works with --ckpt models (the ONNX runner decodes greedily)")
 
         onnx_model = OnnxASR(args.onnx, threads=args.threads)
 
@@ -268,6 +256,25 @@ def cmd_demo(args: argparse.Namespace) -> None:
     )
 
 
+def cmd_recipe(args: argparse.Namespace) -> None:
+    from asrkd.recipe import RecipePlan, run_recipe
+
+    given = {
+        "teacher_steps": args.teacher_steps, "student_steps": args.student_steps,
+        "max_batch_seconds": args.max_batch_seconds, "val_every_steps": args.val_every,
+        "warmup_steps": args.warmup_steps, "decoding": args.decoding,
+        "lm_order": args.lm_order,
+    }
+    # Options not given keep RecipePlan's defaults (one place states them).
+    plan = RecipePlan(kd_teacher_cache=args.teacher_cache,
+                      **{key: value for key, value in given.items() if value is not None})
+    configs = {name: path for name, path in (("teacher", args.teacher),
+               ("student", args.student), ("student_kd", args.student_kd)) if path}
+    run_recipe(args.corpus, args.out, args.exp, plan=plan, overrides=args.set,
+               corpus_summary=args.summary or f"manifests in {args.corpus}",
+               title=args.title, configs=configs)
+
+
 def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lm", default=None,
                         help="token n-gram LM from `asrkd lm`, fused into ctc_beam decoding")
@@ -278,6 +285,102 @@ def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--unk-penalty", type=float, default=None,
                         help="score taken per word outside the LM's training words "
                         "(default: the tuned one)")
+
+
+def cmd_cache_teacher(args: argparse.Namespace) -> None:
+    """``asrkd cache-teacher``: write the cache and print its stats as JSON."""
+    from asrkd.training.teacher_cache import cache_teacher
+    from asrkd.utils.threads import torch_threads
+
+    with torch_threads(args.threads):
+        stats = cache_teacher(
+            args.ckpt,
+            args.manifest,
+            args.out,
+            top_k=args.top_k,
+            batch_seconds=args.batch_seconds,
+            temperature=args.temperature,
+        )
+    print(json.dumps(stats, indent=2))
+
+
+def add_cache_teacher_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``cache-teacher`` subcommand to the ``asrkd`` parser's subparsers."""
+    parser = subparsers.add_parser(
+        "cache-teacher",
+        help="store a teacher's top-k CTC log-probs over a manifest (offline KD)",
+        description="Run the teacher once (eval mode, no augmentation) and store its top-k "
+        "CTC log-probs per frame. Only valid for training without speed perturbation.",
+    )
+    parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
+    parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
+    parser.add_argument("--out", required=True, help="cache file to write")
+    parser.add_argument("--top-k", type=int, default=8, help="log-probs kept per frame")
+    parser.add_argument("--batch-seconds", type=float, default=120.0)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.set_defaults(func=cmd_cache_teacher)
+    return parser
+
+
+def cmd_pseudo_label(args: argparse.Namespace) -> None:
+    """``asrkd pseudo-label``: write the kept pseudo-labels and print the report."""
+    from asrkd.training.pseudo_labels import format_report, pseudo_label
+    from asrkd.utils.threads import torch_threads
+
+    with torch_threads(args.threads):
+        report = pseudo_label(
+            args.ckpt,
+            args.manifest,
+            args.out,
+            method=args.method,
+            beam_size=args.beam_size,
+            min_confidence=args.min_confidence,
+            agreement_with=args.agreement_with,
+            min_agreement=args.min_agreement,
+            batch_seconds=args.batch_seconds,
+        )
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+def add_pseudo_label_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``pseudo-label`` subcommand to the ``asrkd`` parser's subparsers."""
+    parser = subparsers.add_parser(
+        "pseudo-label",
+        help="label audio with a teacher's confident transcripts (sequence-level KD)",
+        description="Transcribe a manifest (text optional) with the teacher, keep the "
+        "transcripts that pass the confidence and agreement filters, write them as a manifest. "
+        "Negative thresholds other than plain numbers need '=': --min-confidence=-inf.",
+    )
+    parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
+    parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
+    parser.add_argument("--out", required=True, help="pseudo-labelled JSONL manifest to write")
+    parser.add_argument("--method", default=None, help="decoding method (default: model's)")
+    parser.add_argument("--beam-size", type=int, default=4)
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=-0.5,
+        help="minimum average log-prob per token (default -0.5)",
+    )
+    parser.add_argument(
+        "--agreement-with",
+        default="ctc_greedy",
+        help="second decoding to compare with, or 'none' (default ctc_greedy)",
+    )
+    parser.add_argument(
+        "--min-agreement",
+        type=float,
+        default=0.8,
+        help="minimum 1 - CER between the two decodings (default 0.8)",
+    )
+    parser.add_argument("--batch-seconds", type=float, default=120.0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default=None, help="also write the report as JSON")
+    parser.set_defaults(func=cmd_pseudo_label)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -318,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", default=None, help="per-utterance results (JSONL)")
     evaluate.add_argument("--json", default=None, help="write the metrics as JSON")
     evaluate.add_argument("--threads", type=int, default=2)
+    evaluate.add_argument("--rtfx", action="store_true",
+                          help="time each batch 3 more times and report the fastest (RTFx as in "
+                               "the reports); without it RTFx is that of the one decoding pass")
     _add_lm_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -382,8 +488,35 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="tiny run to check the pipeline")
     demo.set_defaults(func=cmd_demo)
 
-    from asrkd.training.pseudo_labels import add_pseudo_label_parser
-    from asrkd.training.teacher_cache import add_cache_teacher_parser
+    recipe = sub.add_parser(
+        "recipe", help="teacher -> student -> KD student -> report on your own manifests",
+        description="Train teacher, student and KD student on CORPUS/{train,val,test}.jsonl "
+        "(NeMo manifests), score the test split once, write report.md and metrics.json. "
+        "Finished stages are reused, so a rerun resumes.")
+    recipe.add_argument("--corpus", required=True, help="folder with train/val/test.jsonl")
+    recipe.add_argument("--out", default="reports/recipe", help="report folder")
+    recipe.add_argument("--exp", default="exp/recipe", help="checkpoints, one folder per model")
+    # None: asrkd.recipe.RecipePlan's default (stated there only).
+    recipe.add_argument("--teacher-steps", type=int, default=None)
+    recipe.add_argument("--student-steps", type=int, default=None,
+                        help="for the student and the KD student alike")
+    recipe.add_argument("--max-batch-seconds", type=float, default=None)
+    recipe.add_argument("--val-every", type=int, default=None,
+                        help="validation interval in steps")
+    recipe.add_argument("--warmup-steps", type=int, default=None)
+    recipe.add_argument("--decoding", default=None, help="test decoding method")
+    recipe.add_argument("--teacher-cache", action="store_true",
+                        help="distil from stored teacher CTC posteriors (frame-level CTC KD)")
+    recipe.add_argument("--lm-order", type=int, default=None,
+                        help="also score with a tuned token n-gram LM of this order")
+    for name in ("teacher", "student", "student-kd"):
+        recipe.add_argument(f"--{name}", default=None, metavar="CONFIG",
+                            help=f"run config of the {name} (default: the shipped preset)")
+    recipe.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override for every stage (repeatable)")
+    recipe.add_argument("--summary", default="", help="one line saying what the corpus is")
+    recipe.add_argument("--title", default="asrkd report")
+    recipe.set_defaults(func=cmd_recipe)
 
     add_cache_teacher_parser(sub)
     add_pseudo_label_parser(sub)
@@ -399,12 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognised arguments: {' '.join(unknown)}")
     try:
         args.func(args)
-    except _user_errors() as error:
-        print(f"asrkd {args.command}: error: {error}", file=sys.stderr)
-        return 2
-    except ValueError as error:
-        # Config validation (dataclass __post_init__, KD compatibility) raises ValueError
-        # with a message meant for the user.
+    except (UserError, FileNotFoundError) as error:
+        # Problems the user can fix (asrkd.errors); anything else is a bug and keeps its traceback.
         print(f"asrkd {args.command}: error: {error}", file=sys.stderr)
         return 2
     return 0

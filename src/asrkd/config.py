@@ -17,11 +17,11 @@ from typing import Any, TypeVar
 
 import yaml
 
+from asrkd.errors import ConfigError
+
 T = TypeVar("T")
 
 
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key and what to do."""
 
 
 def unknown_key_error(key: str, path: str, valid: Iterable[str]) -> ConfigError:

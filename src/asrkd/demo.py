@@ -1,69 +1,30 @@
-"""The main job: default corpus -> teacher -> student -> KD student -> evaluation -> report.
+"""``make demo``: the embedded default corpus, then teacher -> student -> KD student -> report.
 
-Every stage writes its result to disk and is skipped when that result is already there, so
-an interrupted ``make demo`` resumes where it stopped. The student and the KD student train on
-the same data, for the same steps, from the same seed: the only difference is distillation.
+The orchestration is :func:`asrkd.recipe.run_recipe`, which the real-speech recipes share;
+this module only builds the default corpus and sizes the run (:data:`FULL`, :data:`QUICK`).
 """
 
 from __future__ import annotations
 
-import json
-import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from rich.console import Console
+from asrkd.recipe import RecipePlan, console, run_recipe
 
-from asrkd.training.pipeline import ROOT, evaluate, load_run_config, train
-
-console = Console()
-MODELS = ("teacher", "student", "student_kd")
+__all__ = ["FULL", "QUICK", "DemoPlan", "run_demo"]
 
 
 @dataclass(frozen=True)
-class DemoPlan:
-    """Sizes and step budgets of a demo run.
-
-    ``regularization_warmup``: the share of each stage's steps over which dropout and
-    SpecAugment ramp up from 0 (``training.regularization_warmup_steps``).
-    """
+class DemoPlan(RecipePlan):
+    """A :class:`~asrkd.recipe.RecipePlan` plus the sizes of the generated corpus."""
 
     n_train: int = 6000
     n_val: int = 300
     n_test: int = 300
-    teacher_steps: int = 2000
-    student_steps: int = 1600
-    max_batch_seconds: float = 60.0
-    val_every_steps: int = 100
-    warmup_steps: int = 100
-    regularization_warmup: float = 0.4
-    decoding: str = "ctc_greedy"  # test decoding, the same method for all three models
-    # Distil from stored teacher CTC posteriors (``asrkd cache-teacher``, run once over the
-    # training set) instead of running the teacher on every KD step: frame-level CTC KD only,
-    # and only without speed perturbation (the cache holds the unperturbed audio's frames).
-    kd_teacher_cache: bool = False
-    # Also score the test split with a token n-gram LM of this order trained on the training
-    # transcripts, fused into CTC prefix beam search; the LM weight and length bonus are
-    # grid-searched per model on the validation split (``asrkd lm --tune``). None: no LM.
-    lm_order: int | None = None
-    lm_weights: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    lm_bonuses: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0)
-    lm_beam_size: int = 8
-    lm_penalties: tuple[float, ...] = (0.0,)  # unknown-word penalties (LMFusion.unk_penalty)
 
 
 # The test split is also scored with a character 6-gram LM of the training sentences (a
 # smaller weight grid than the recipes' keeps the demo within its 45 minutes).
-# Recipes that run many epochs over a small corpus: dropout 0.1 everywhere, ramped up over the
-# first 40 % of each stage (DemoPlan.regularization_warmup), instead of the CPU presets' 0.
-MANY_EPOCH_DROPOUT = (
-    "model.encoder.dropout=0.1",
-    "model.encoder.dropout_att=0.1",
-    "model.encoder.dropout_pre_encoder=0.1",
-    "model.transformer.dropout=0.1",
-)
-
 FULL = DemoPlan(kd_teacher_cache=True, lm_order=6, lm_weights=(0.0, 0.4, 0.8),
                 lm_bonuses=(0.0, 1.0, 2.0))
 QUICK = DemoPlan(
@@ -72,362 +33,25 @@ QUICK = DemoPlan(
 )
 
 
-def _stage_overrides(plan: DemoPlan, corpus: Path, out: Path, steps: int) -> list[str]:
-    return [
-        f"output_dir={out}",
-        f"data.train_manifest={corpus / 'train.jsonl'}",
-        f"data.val_manifest={corpus / 'val.jsonl'}",
-        f"data.test_manifest={corpus / 'test.jsonl'}",
-        f"data.max_batch_seconds={plan.max_batch_seconds}",
-        f"trainer.max_steps={steps}",
-        "trainer.max_epochs=-1",
-        f"trainer.val_check_interval={plan.val_every_steps}",
-        "trainer.check_val_every_n_epoch=null",
-        f"training.optim.warmup_steps={plan.warmup_steps}",
-        f"training.regularization_warmup_steps={int(plan.regularization_warmup * steps)}",
-        f"trainer.enable_progress_bar={'false' if os.environ.get('CI') else 'true'}",
-    ]
-
-
-def _train_stage(
-    name: str, plan: DemoPlan, corpus: Path, exp: Path, steps: int, extra: list[str]
-) -> dict:
-    out = exp / name
-    result_file = out / "train_result.json"
-    if result_file.is_file() and (out / "model.ckpt").is_file():
-        console.print(f"[green]reusing[/] {name}: {out / 'model.ckpt'}")
-        return {**json.loads(result_file.read_text()), "reused": True}
-    console.rule(f"training {name} ({steps} steps)")
-    overrides = _stage_overrides(plan, corpus, out, steps) + list(extra)
-    cache_seconds = 0.0
-    if name == "student_kd":
-        overrides.append(f"training.teacher_checkpoint={exp / 'teacher' / 'model.ckpt'}")
-        if plan.kd_teacher_cache:
-            cache, cache_seconds = _teacher_cache(exp, corpus)
-            overrides += [f"training.teacher_cache={cache}", "training.kd.losses=[ctc_kl]"]
-    config = load_run_config([ROOT / "configs" / "presets" / f"{name}.yaml"], overrides)
-    # An interrupted stage continues from its last checkpoint instead of starting over.
-    result = train(config, resume=True)
-    if cache_seconds:
-        # The KD student's cost includes running the teacher once over the training set.
-        result = {**result, "train_seconds": round(result["train_seconds"] + cache_seconds, 1),
-                  "teacher_cache_seconds": round(cache_seconds, 1)}
-        (out / "train_result.json").write_text(json.dumps(result, indent=2))
-    return result
-
-
-def _teacher_cache(exp: Path, corpus: Path) -> tuple[Path, float]:
-    """The teacher's top-k CTC posteriors over the training set, written once per teacher."""
-    from asrkd.training.teacher_cache import cache_teacher
-
-    teacher = exp / "teacher" / "model.ckpt"
-    path = exp / "teacher_cache.pt"
-    seconds_file = path.with_suffix(".json")
-    if path.is_file() and seconds_file.is_file() and path.stat().st_mtime > teacher.stat().st_mtime:
-        return path, float(json.loads(seconds_file.read_text())["seconds"])
-    console.rule("caching the teacher's CTC posteriors over the training set")
-    info = cache_teacher(teacher, corpus / "train.jsonl", path)
-    seconds_file.write_text(json.dumps({"seconds": info["seconds"]}))
-    return path, float(info["seconds"])
-
-
-def _evaluations_current(exp: Path, report_dir: Path, method: str = "ctc_greedy") -> bool:
-    """Whether every model's stored test result is newer than every checkpoint.
-
-    The three RTFx are compared with each other, so they are measured in one invocation:
-    one retrained model means all three are evaluated again (timings on a shared VM drift by
-    20% between runs an hour apart)."""
-    outs = [report_dir / f"{name}_test.json" for name in MODELS]
-    if not all(out.is_file() for out in outs):
-        return False
-    if any(json.loads(out.read_text()).get("method") != method for out in outs):
-        return False
-    newest = max((exp / name / "model.ckpt").stat().st_mtime for name in MODELS)
-    return min(out.stat().st_mtime for out in outs) > newest
-
-
-def _evaluate_stage(name: str, corpus: Path, exp: Path, report_dir: Path, reuse: bool,
-                    method: str = "ctc_greedy") -> dict:
-    out = report_dir / f"{name}_test.json"
-    checkpoint = exp / name / "model.ckpt"
-    if reuse:
-        return json.loads(out.read_text())
-    console.print(f"evaluating {name} on {corpus / 'test.jsonl'}")
-    metrics = evaluate(
-        checkpoint,
-        corpus / "test.jsonl",
-        method=method,
-        out_jsonl=report_dir / f"{name}_test_utterances.jsonl",
-        threads=2,
-    )
-    out.write_text(json.dumps(metrics, indent=2))
-    return metrics
-
-
-def _lm_stage(name: str, plan: DemoPlan, corpus: Path, exp: Path, report_dir: Path,
-              reuse: bool) -> dict:
-    """Train the token LM on the training transcripts, tune its weight and bonus on the
-    validation split for this model, and score the test split with it."""
-    from asrkd.data.dataset import read_manifest
-    from asrkd.models.e2e_asr import load_checkpoint
-    from asrkd.models.lm import train_lm
-    from asrkd.training.pipeline import tune_fusion
-
-    out = report_dir / f"{name}_test_lm.json"
-    checkpoint = exp / name / "model.ckpt"
-    settings = {"order": plan.lm_order, "weights": list(plan.lm_weights),
-                "bonuses": list(plan.lm_bonuses), "penalties": list(plan.lm_penalties),
-                "beam_size": plan.lm_beam_size}
-    if reuse and out.is_file() and json.loads(out.read_text()).get("plan") == settings:
-        return json.loads(out.read_text())
-    model = load_checkpoint(checkpoint)
-    lm_path = exp / name / f"lm{plan.lm_order}.json"
-    texts = [entry.text for entry in read_manifest(corpus / "train.jsonl")[0] if entry.text]
-    start = time.perf_counter()
-    lm = train_lm(texts, model.tokenizer, order=plan.lm_order)
-    val = corpus / "val.jsonl"
-    held_out = [model.tokenizer.encode(e.text) for e in read_manifest(val)[0] if e.text]
-    perplexity = lm.perplexity(held_out)
-    console.print(f"{name}: {lm!r}, validation perplexity {perplexity:.2f}; tuning on {val}")
-    tuned = tune_fusion(model, val, lm, weights=plan.lm_weights, bonuses=plan.lm_bonuses,
-                        beam_size=plan.lm_beam_size, penalties=plan.lm_penalties)
-    best = tuned["best"]
-    lm.fusion = {"weight": best["weight"], "length_bonus": best["length_bonus"],
-                 "unk_penalty": best["unk_penalty"], "tuned_on": str(val), "wer": best["wer"],
-                 "cer": best["cer"], "beam_size": plan.lm_beam_size}
-    lm.save(lm_path)
-    tune_seconds = time.perf_counter() - start
-    plain = next(r for r in tuned["grid"] if r["weight"] == 0.0) if 0.0 in plan.lm_weights \
-        else None
-    console.print(f"evaluating {name} with the LM (weight {best['weight']:g}, bonus "
-                  f"{best['length_bonus']:g}, unknown-word penalty {best['unk_penalty']:g})")
-    metrics = evaluate(
-        model, corpus / "test.jsonl", method="ctc_beam",
-        out_jsonl=report_dir / f"{name}_test_lm_utterances.jsonl", threads=2,
-        fusion=lm.fusion_settings(), timing_repeats=1, timing_seconds=0.0,
-    )
-    metrics["lm"].update({"path": str(lm_path), "val_perplexity": round(perplexity, 3),
-                          "val_wer": best["wer"], "val_cer": best["cer"],
-                          "val_wer_ctc_beam": plain["wer"] if plain else None,
-                          "tune_seconds": round(tune_seconds, 1), "grid": tuned["grid"]})
-    metrics["plan"] = settings
-    out.write_text(json.dumps(metrics, indent=2))
-    return metrics
-
-
-def _plots(report_dir: Path, metrics: dict, histories: dict) -> list[str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = []
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for name in MODELS:
-        ax.scatter(metrics[name]["params"] / 1e6, 100 * metrics[name]["wer"], s=60, label=name)
-    ax.set_xlabel("parameters (M)")
-    ax.set_ylabel("test WER (%)")
-    ax.set_title("WER vs parameters")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(report_dir / "wer_vs_params.png", dpi=110)
-    plt.close(fig)
-    names.append("wer_vs_params.png")
-
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
-    for name in MODELS:
-        rows = [r for r in histories.get(name, []) if "val_cer" in r]
-        if not rows:
-            continue
-        # Wall-clock seconds of training when recorded (compare runs at equal time), else steps.
-        x_key = "seconds" if all("seconds" in r for r in rows) else "step"
-        for ax, metric in zip(axes, ("val_cer", "val_wer")):
-            ax.plot([r[x_key] for r in rows], [100 * r[metric] for r in rows], "o-", ms=3,
-                    label=name)
-            ax.set_xlabel("training seconds (wall clock)" if x_key == "seconds"
-                          else "training step")
-    for ax, what in zip(axes, ("CER", "WER")):
-        ax.set_ylabel(f"validation {what} (%, CTC greedy)")
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle("Convergence: validation error against training time")
-    fig.tight_layout()
-    fig.savefig(report_dir / "val_wer_curves.png", dpi=110)
-    plt.close(fig)
-    names.append("val_wer_curves.png")
-    return names
-
-
-def _report(report_dir: Path, metrics: dict, corpus_stats: dict, plots: list[str],
-            seconds: float, title: str, reused: int, notes: list[str] | None = None) -> None:
-    teacher, student, kd = (metrics[name] for name in MODELS)
-    method = teacher["decoding"].replace("_", " ").replace("ctc", "CTC")
-    lines = [
-        f"# {title}",
-        "",
-        f"Corpus: {corpus_stats.get('summary', '')}. Test split: "
-        f"{teacher['utterances']} utterances held out from training.",
-        f"Decoding: {method} for all three models; RTFx = audio seconds / compute seconds, "
-        "2 threads, batched (up to 240 s of audio per batch), after a warm-up pass, fastest of "
-        "at least 3 timed runs (and 2 s of them) per batch, on the machine that ran the demo.",
-        "",
-        "| model | params | checkpoint MB | WER % | CER % | RTFx | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for name in MODELS:
-        m = metrics[name]
-        lines.append(
-            f"| {name} | {m['params'] / 1e6:.2f} M | {m['checkpoint_mb']:.1f} | "
-            f"{100 * m['wer']:.2f} | {100 * m['cer']:.2f} | {m['rtfx']:.0f} | "
-            f"{m['train_seconds']:.0f} |"
-        )
-    checks = [
-        ("student params <= 0.25 x teacher", student["params"] <= 0.25 * teacher["params"],
-         f"{student['params'] / teacher['params']:.3f} x"),
-        ("student RTFx >= 3 x teacher", student["rtfx"] >= 3 * teacher["rtfx"],
-         f"{student['rtfx'] / max(teacher['rtfx'], 1e-9):.2f} x"),
-        ("KD student WER <= 1.10 x teacher WER", kd["wer"] <= 1.10 * teacher["wer"],
-         f"{kd['wer'] / max(teacher['wer'], 1e-9):.2f} x"),
-        ("KD student WER >= 10% relative below no-KD student",
-         kd["wer"] <= 0.90 * student["wer"],
-         f"{100 * (1 - kd['wer'] / max(student['wer'], 1e-9)):.1f}% lower"),
-    ]
-    if all(metrics[name].get("lm") for name in MODELS):
-        t_lm, s_lm, k_lm = (metrics[name]["lm"]["wer"] for name in MODELS)
-        checks += [
-            ("with the LM: KD student WER <= 1.10 x teacher WER", k_lm <= 1.10 * t_lm,
-             f"{k_lm / max(t_lm, 1e-9):.2f} x"),
-            ("with the LM: KD student WER >= 10% relative below no-KD student",
-             k_lm <= 0.90 * s_lm, f"{100 * (1 - k_lm / max(s_lm, 1e-9)):.1f}% lower"),
-        ]
-    lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
-    lines += [f"| {what} | {'yes' if ok else 'no'} | {value} |" for what, ok, value in checks]
-    if all(metrics[name].get("lm") for name in MODELS):
-        order = teacher["lm"]["order"]
-        lines += [
-            "", f"## With a token {order}-gram LM", "",
-            f"Kneser-Ney {order}-gram over the models' tokens, trained on the training "
-            "transcripts only (`asrkd lm`), fused into CTC prefix beam search (beam "
-            f"{teacher['lm']['beam_size']}); LM weight, per-token bonus and the penalty per word "
-            "outside the training transcripts' words grid-searched for each model on the "
-            "validation split, then the test split scored once. RTFx here is one timed pass "
-            "(the beam search is Python).", "",
-            "| model | LM weight | bonus | word penalty | val WER % (beam, no LM) | "
-            "val WER % (LM) | test WER % | test CER % | RTFx |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
-        ]
-        for name in MODELS:
-            lm = metrics[name]["lm"]
-            plain = lm.get("val_wer_ctc_beam")
-            lines.append(
-                f"| {name} | {lm['weight']:g} | {lm['length_bonus']:g} | "
-                f"{lm.get('unk_penalty', 0.0):g} | "
-                f"{'' if plain is None else f'{100 * plain:.2f}'} | {100 * lm['val_wer']:.2f} | "
-                f"{100 * lm['wer']:.2f} | {100 * lm['cer']:.2f} | {lm['rtfx']:.0f} |"
-            )
-    if kd.get("teacher_cache_seconds"):
-        lines += ["", f"KD: frame-level CTC KL from the teacher's stored top-k posteriors "
-                  f"(`asrkd cache-teacher` over the training set, "
-                  f"{kd['teacher_cache_seconds']:.0f} s, counted in the KD student's training "
-                  "time), so distillation steps cost what plain steps do."]
-    if notes:
-        lines += [""] + list(notes)
-    lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
-    trained = sum(metrics[name]["train_seconds"] for name in MODELS)
-    lines += [
-        "",
-        f"Training time of the three models: {trained:.0f} s. This invocation took "
-        f"{seconds:.0f} s ({reused} of 3 training stages reused from an earlier run).",
-        "",
-    ]
-    (report_dir / "report.md").write_text("\n".join(lines))
-
-
 def run_demo(
     report_dir: str | Path = "reports/demo",
     corpus_dir: str | Path = "data/default",
     exp_dir: str | Path = "exp/demo",
     quick: bool = False,
     plan: DemoPlan | None = None,
-    overrides: list[str] | None = None,
-    corpus_stats: dict | None = None,
-    title: str = "asrkd demo report",
-    notes: list[str] | None = None,
 ) -> dict:
-    """Run every stage (reusing finished ones) and write report.md + metrics.json.
-
-    With ``corpus_stats`` the manifests in ``corpus_dir`` are taken as given (a recipe
-    prepared them); otherwise the embedded default corpus is built there. ``overrides``
-    (dotted config overrides) apply to every training stage.
-    """
+    """Build the default corpus in ``corpus_dir``, then run every stage (reusing finished
+    ones) and write report.md + metrics.json to ``report_dir``."""
     from asrkd.data.corpus import build_corpus
 
-    start = time.perf_counter()
     plan = plan or (QUICK if quick else FULL)
-    root = Path(ROOT)
-    report_dir, corpus_dir, exp_dir = (
-        Path(p) if Path(p).is_absolute() else root / p for p in (report_dir, corpus_dir, exp_dir)
+    console.rule("default corpus")
+    stats = build_corpus(Path(corpus_dir).expanduser().resolve(), n_train=plan.n_train,
+                         n_val=plan.n_val, n_test=plan.n_test)
+    train_split = stats["splits"]["train"]
+    summary = (
+        f"embedded default corpus: {train_split['utterances']} training utterances, "
+        f"{train_split['hours']:.2f} h, {train_split['num_speakers']} synthetic voices"
     )
-    report_dir.mkdir(parents=True, exist_ok=True)
-    if corpus_stats is None:
-        console.rule("default corpus")
-        stats = build_corpus(
-            corpus_dir, n_train=plan.n_train, n_val=plan.n_val, n_test=plan.n_test
-        )
-        train_split = stats["splits"]["train"]
-        stats["summary"] = (
-            f"embedded default corpus: {train_split['utterances']} training utterances, "
-            f"{train_split['hours']:.2f} h, {train_split['num_speakers']} synthetic voices"
-        )
-    else:
-        stats = corpus_stats
-    extra = list(overrides or [])
-    steps = {"teacher": plan.teacher_steps, "student": plan.student_steps,
-             "student_kd": plan.student_steps}
-    results = {
-        name: _train_stage(name, plan, corpus_dir, exp_dir, steps[name], extra)
-        for name in MODELS
-    }
-    metrics = {}
-    reuse = _evaluations_current(exp_dir, report_dir, plan.decoding)
-    for name in MODELS:
-        evaluation = _evaluate_stage(name, corpus_dir, exp_dir, report_dir, reuse,
-                                     plan.decoding)
-        checkpoint = exp_dir / name / "model.ckpt"
-        metrics[name] = {
-            "params": results[name]["params"],
-            "checkpoint_mb": round(checkpoint.stat().st_size / 2**20, 2),
-            "wer": evaluation["wer"],
-            "cer": evaluation["cer"],
-            "rtfx": evaluation["rtfx"],
-            "train_seconds": results[name]["train_seconds"],
-            "train_steps": results[name]["steps"],
-            "teacher_cache_seconds": results[name].get("teacher_cache_seconds"),
-            "checkpoint": str(checkpoint),
-            "substitutions": evaluation["substitutions"],
-            "deletions": evaluation["deletions"],
-            "insertions": evaluation["insertions"],
-            "utterances": evaluation["utterances"],
-            "decoding": evaluation["method"],
-        }
-        if plan.lm_order:
-            fused = _lm_stage(name, plan, corpus_dir, exp_dir, report_dir, reuse)
-            metrics[name]["lm"] = {
-                "order": fused["lm"]["order"], "weight": fused["lm"]["weight"],
-                "length_bonus": fused["lm"]["length_bonus"],
-                "unk_penalty": fused["lm"].get("unk_penalty", 0.0),
-                "beam_size": plan.lm_beam_size, "wer": fused["wer"], "cer": fused["cer"],
-                "rtfx": fused["rtfx"], "val_wer": fused["lm"]["val_wer"],
-                "val_wer_ctc_beam": fused["lm"]["val_wer_ctc_beam"],
-                "val_perplexity": fused["lm"]["val_perplexity"],
-                "tune_seconds": fused["lm"]["tune_seconds"],
-            }
-    histories = {name: results[name].get("val_history", []) for name in MODELS}
-    plots = _plots(report_dir, metrics, histories)
-    seconds = time.perf_counter() - start
-    reused = sum(bool(results[name].get("reused")) for name in MODELS)
-    _report(report_dir, metrics, stats, plots, seconds, title, reused, notes)
-    (report_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    console.print((report_dir / "report.md").read_text(), markup=False)
-    return metrics
+    return run_recipe(corpus_dir, report_dir, exp_dir, plan=plan, corpus_summary=summary,
+                      title="asrkd demo report")

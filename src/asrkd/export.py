@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from asrkd.data.tokenizer import tokenizer_from_dict
+from asrkd.errors import UserError
 from asrkd.models.e2e_asr import E2EASR
 
 FORMAT = "asrkd-onnx-1"
@@ -172,7 +173,7 @@ def export_onnx(model: E2EASR, out: str | Path, int8: bool = False) -> dict:
                 paths["joint"])
         graphs.update({k: p.name for k, p in paths.items()})
     if not graphs:
-        raise ValueError("nothing to export: the model has neither a CTC head nor an RNN-T")
+        raise UserError("nothing to export: the model has neither a CTC head nor an RNN-T")
     if int8:
         filterbank = [list(buffer.shape) for name, buffer in model.features.named_buffers()
                       if "fbank" in name]
@@ -213,7 +214,7 @@ class OnnxASR:
                                     f"{path.name})")
         self.description = json.loads(sidecar.read_text(encoding="utf-8"))
         if self.description.get("format") != FORMAT:
-            raise ValueError(f"{sidecar}: not an asrkd ONNX export ({FORMAT})")
+            raise UserError(f"{sidecar}: not an asrkd ONNX export ({FORMAT})")
         self.tokenizer = tokenizer_from_dict(self.description["tokenizer"])
         self.sample_rate = int(self.description["sample_rate"])
         options = ort.SessionOptions()
@@ -280,7 +281,7 @@ class OnnxASR:
         elif method == "rnnt_greedy" and "encoder" in self.sessions:
             ids = self._rnnt_greedy(audio, lengths)
         else:
-            raise ValueError(f"method {method!r} is not available in this export "
+            raise UserError(f"method {method!r} is not available in this export "
                              f"(graphs: {', '.join(self.sessions)})")
         return [self.tokenizer.decode(tokens) for tokens in ids]
 

@@ -18,11 +18,13 @@ import soxr
 import torch
 from torch import nn
 
+from asrkd.errors import ConfigError, UserError
+
 SAMPLE_RATE = 16_000
 AUDIO_EXTENSIONS = (".wav", ".flac", ".ogg", ".opus", ".aiff", ".aif", ".au", ".mp3")
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """Audio that cannot be read or used; the message names the file and the problem."""
 
 
@@ -248,7 +250,7 @@ class LogMelFeatures(nn.Module):
             std = var.sqrt().clamp(min=config.min_std)
             features = (features - mean) / (std + 1e-5)
         elif config.normalize is not None:
-            raise ValueError(f"unknown feature normalisation {config.normalize!r}")
+            raise ConfigError(f"unknown feature normalisation {config.normalize!r}")
         return features * frame_mask, lengths
 
 

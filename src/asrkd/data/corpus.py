@@ -41,6 +41,7 @@ from asrkd.data import corpus_vocab as V
 from asrkd.data import text as _text
 from asrkd.data.text import DIGIT_WORDS, TextNormalizer
 from asrkd.data.tts import RATE_MAX, EspeakSynthesizer
+from asrkd.errors import UserError
 
 __all__ = [
     "CORPUS_VERSION",
@@ -825,12 +826,12 @@ def build_corpus(
     """
     sizes = {"train": int(n_train), "val": int(n_val), "test": int(n_test)}
     if min(sizes.values()) < 0 or sum(sizes.values()) == 0:
-        raise ValueError(f"bad split sizes {sizes}")
+        raise UserError(f"bad split sizes {sizes}")
     out = Path(out_dir)
     if kind not in KINDS:
-        raise ValueError(f"unknown corpus kind {kind!r}; choose from {sorted(KINDS)}")
+        raise UserError(f"unknown corpus kind {kind!r}; choose from {sorted(KINDS)}")
     if bandwidth_hz is not None and not 0 < bandwidth_hz < sample_rate / 2:
-        raise ValueError(f"bandwidth_hz must be in (0, {sample_rate / 2}), got {bandwidth_hz}")
+        raise UserError(f"bandwidth_hz must be in (0, {sample_rate / 2}), got {bandwidth_hz}")
     config = _config(seed, sizes, sample_rate, kind, bandwidth_hz)
     if not force:
         stats = _existing_stats(out, config)

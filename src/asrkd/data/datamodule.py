@@ -15,6 +15,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from asrkd.data.dataset import ManifestDataset, collate_batch
 from asrkd.data.tokenizer import Tokenizer
+from asrkd.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -206,7 +207,7 @@ class ASRDataModule(L.LightningDataModule):
         if split not in self.datasets:
             manifest = getattr(self.hparams, f"{split}_manifest")
             if manifest is None:
-                raise ValueError(f"no {split}_manifest configured (set data.{split}_manifest)")
+                raise ConfigError(f"no {split}_manifest configured (set data.{split}_manifest)")
             train = split == "train"
             self.datasets[split] = ManifestDataset(
                 Path(manifest),

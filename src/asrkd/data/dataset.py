@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 
 from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, load_audio, speed_perturb
 from asrkd.data.tokenizer import PAD_ID, Tokenizer
+from asrkd.errors import UserError
 from asrkd.models.common import pad_sequences
 
 log = logging.getLogger(__name__)
@@ -25,7 +26,7 @@ log = logging.getLogger(__name__)
 DURATION_TOLERANCE = 0.1
 
 
-class ManifestError(ValueError):
+class ManifestError(UserError):
     """A manifest line that cannot be used; the message names the manifest, line and problem."""
 
 

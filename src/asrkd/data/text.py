@@ -11,6 +11,8 @@ import re
 import unicodedata
 from dataclasses import dataclass
 
+from asrkd.errors import ConfigError
+
 _ONES = (
     "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
     "fifteen sixteen seventeen eighteen nineteen"
@@ -98,9 +100,9 @@ class TextNormalizer:
 
     def __post_init__(self) -> None:
         if self.digits not in ("spell", "keep", "drop"):
-            raise ValueError(f"digits must be spell|keep|drop, got {self.digits!r}")
+            raise ConfigError(f"digits must be spell|keep|drop, got {self.digits!r}")
         if self.punctuation not in ("remove", "keep"):
-            raise ValueError(f"punctuation must be remove|keep, got {self.punctuation!r}")
+            raise ConfigError(f"punctuation must be remove|keep, got {self.punctuation!r}")
 
     def _spell(self, digits: str) -> str:
         if len(digits) > 9:  # phone, account and serial numbers are read digit by digit

@@ -15,6 +15,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from asrkd.data.text import TextNormalizer
+from asrkd.errors import ConfigError, UserError
 
 SPECIAL_TOKENS = ("<blank>", "<pad>", "<bos>", "<eos>", "<unk>")
 BLANK_ID, PAD_ID, BOS_ID, EOS_ID, UNK_ID = range(5)
@@ -206,7 +207,7 @@ def tokenizer_from_dict(data: dict) -> Tokenizer:
         import base64
 
         return SentencePieceTokenizer(base64.b64decode(data["model"]), normalizer)
-    raise ValueError(f"unknown tokenizer type {kind!r} (expected 'char' or 'sentencepiece')")
+    raise ConfigError(f"unknown tokenizer type {kind!r} (expected 'char' or 'sentencepiece')")
 
 
 def build_tokenizer(
@@ -220,9 +221,9 @@ def build_tokenizer(
     if kind == "char":
         return CharTokenizer.english(normalizer)
     if texts is None:
-        raise ValueError(f"tokenizer {kind!r} is trained from texts; none were given")
+        raise UserError(f"tokenizer {kind!r} is trained from texts; none were given")
     if kind == "char_from_data":
         return CharTokenizer.from_texts(texts, normalizer)
     if kind in ("bpe", "unigram"):
         return SentencePieceTokenizer.train(texts, vocab_size, kind, normalizer)
-    raise ValueError(f"unknown tokenizer {kind!r}; choose char, char_from_data, bpe or unigram")
+    raise ConfigError(f"unknown tokenizer {kind!r}; choose char, char_from_data, bpe or unigram")

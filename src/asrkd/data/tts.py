@@ -33,6 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from asrkd.errors import UserError
+
 __all__ = [
     "EspeakError",
     "EspeakSynthesizer",
@@ -95,7 +97,7 @@ class EspeakError(RuntimeError):
     """An espeak-ng call failed (the message names the call and its error code)."""
 
 
-class VoiceNotFoundError(EspeakError, ValueError):
+class VoiceNotFoundError(EspeakError, UserError):
     """The requested voice or variant is not available in this espeak-ng installation."""
 
 

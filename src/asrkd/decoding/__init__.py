@@ -28,6 +28,7 @@ import torch
 from asrkd.decoding.attention import attention_beam, attention_greedy
 from asrkd.decoding.ctc import ctc_greedy_decode, ctc_prefix_beam_search
 from asrkd.decoding.rnnt import rnnt_beam, rnnt_greedy
+from asrkd.errors import UserError
 from asrkd.models.common import Hypothesis
 from asrkd.models.lm import LMFusion
 
@@ -42,10 +43,10 @@ METHODS = (
 def _check(model: E2EASR, method: str) -> None:
     family = method.split("_")[0]
     if family == "ctc" and model.ctc is None:
-        raise ValueError(f"method {method!r} needs a CTC head; this model has none")
+        raise UserError(f"method {method!r} needs a CTC head; this model has none")
     wanted = {"attention": "transformer", "rnnt": "rnnt"}.get(family)
     if wanted is not None and model.decoder_type != wanted:
-        raise ValueError(f"method {method!r} does not fit a {model.decoder_type} decoder")
+        raise UserError(f"method {method!r} does not fit a {model.decoder_type} decoder")
 
 
 @dataclass(frozen=True)
@@ -129,7 +130,7 @@ def strategy(method: str, beam_size: int = 4, length_penalty: float = 1.0,
              ctc_weight: float = 0.3, fusion: LMFusion | None = None):  # noqa: ANN201
     """The strategy object of a method name (see :data:`METHODS`)."""
     if fusion is not None and method != "ctc_beam":
-        raise ValueError(f"LM fusion works with ctc_beam decoding, not {method!r}")
+        raise UserError(f"LM fusion works with ctc_beam decoding, not {method!r}")
     if method == "ctc_greedy":
         return CTCGreedy()
     if method == "ctc_beam":
@@ -142,7 +143,7 @@ def strategy(method: str, beam_size: int = 4, length_penalty: float = 1.0,
         return RNNTGreedy()
     if method == "rnnt_beam":
         return RNNTBeam(beam_size)
-    raise ValueError(f"unknown decoding method {method!r}; choose from {('auto',) + METHODS}")
+    raise UserError(f"unknown decoding method {method!r}; choose from {('auto',) + METHODS}")
 
 
 __all__ = [

@@ -8,6 +8,7 @@ import math
 import torch
 
 from asrkd.decoding.ctc import CTCPrefixScorer
+from asrkd.errors import ConfigError
 from asrkd.models.common import Hypothesis
 from asrkd.models.ctc import ctc_sequence_log_prob
 from asrkd.models.transformer_decoder import TransformerDecoder
@@ -181,7 +182,7 @@ def attention_beam_nbest(
     """
     cfg = decoder.config
     if ctc_mode not in ("joint", "rescore"):
-        raise ValueError(f"ctc_mode must be 'joint' or 'rescore', not {ctc_mode!r}")
+        raise ConfigError(f"ctc_mode must be 'joint' or 'rescore', not {ctc_mode!r}")
     use_ctc = ctc_log_probs is not None and ctc_weight > 0
     joint = use_ctc and ctc_mode == "joint"
     w = ctc_weight if joint else 0.0

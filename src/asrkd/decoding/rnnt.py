@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from asrkd.errors import ConfigError
 from asrkd.models.common import Hypothesis, logaddexp
 from asrkd.models.rnnt import RNNTransducer, State
 
@@ -31,7 +32,7 @@ def _max_symbols(transducer: RNNTransducer, max_symbols_per_frame: int | None) -
         else max_symbols_per_frame
     )
     if limit < 1:
-        raise ValueError("max_symbols_per_frame must be >= 1")
+        raise ConfigError("max_symbols_per_frame must be >= 1")
     return limit
 
 
@@ -136,9 +137,9 @@ def rnnt_beam(
         B best hypotheses (token ids never blank, score, emission frames of the kept path).
     """
     if beam_size < 1:
-        raise ValueError("beam_size must be >= 1")
+        raise ConfigError("beam_size must be >= 1")
     if merge not in ("max", "sum"):
-        raise ValueError(f"unknown merge {merge!r}")
+        raise ConfigError(f"unknown merge {merge!r}")
     limit = _max_symbols(transducer, max_symbols_per_frame)
     lengths = encoder_lengths.tolist()
     return [

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from asrkd.errors import ConfigError
 from asrkd.models.e2e_asr import E2EASR, ASROutput
 
 
@@ -94,9 +95,9 @@ class KDWrapper(nn.Module):
     ) -> None:
         super().__init__()
         if not 0.0 <= alpha <= 1.0:
-            raise ValueError(f"alpha must be within [0, 1], got {alpha}")
+            raise ConfigError(f"alpha must be within [0, 1], got {alpha}")
         if not distil_final_output and tuple(getattr(kd_loss_fn, "names", ())) != ("hidden",):
-            raise ValueError("distil_final_output=False needs a KD loss of hidden states only")
+            raise ConfigError("distil_final_output=False needs a KD loss of hidden states only")
         self.teacher_source = OnlineTeacher(teacher) if isinstance(teacher, E2EASR) else teacher
         self.student = student
         self.asr_loss_fn = asr_loss_fn

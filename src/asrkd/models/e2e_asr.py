@@ -24,6 +24,7 @@ from asrkd.data.audio_processing import (
 )
 from asrkd.data.tokenizer import Tokenizer, tokenizer_from_dict
 from asrkd.decoding import METHODS, strategy
+from asrkd.errors import UserError
 from asrkd.models.common import Hypothesis, pad_sequences
 from asrkd.models.ctc import CTCConfig, CTCHead
 from asrkd.models.encoder import FastConformerConfig, FastConformerEncoder
@@ -55,7 +56,7 @@ class DecodingConfig:
 
     def __post_init__(self) -> None:
         if self.method not in DECODING_METHODS:
-            raise ValueError(f"decoding method {self.method!r} not in {DECODING_METHODS}")
+            raise ConfigError(f"decoding method {self.method!r} not in {DECODING_METHODS}")
 
 
 @dataclass(frozen=True)
@@ -99,9 +100,9 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         if self.decoder not in DECODER_TYPES:
-            raise ValueError(f"decoder must be one of {DECODER_TYPES}, got {self.decoder!r}")
+            raise ConfigError(f"decoder must be one of {DECODER_TYPES}, got {self.decoder!r}")
         if self.frontend_position not in FRONTEND_POSITIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"frontend_position must be one of {FRONTEND_POSITIONS}, "
                 f"got {self.frontend_position!r}"
             )
@@ -110,22 +111,22 @@ class ModelConfig:
             and self.frontend is not None
             and self.frontend.channels[-1] != self.encoder.d_model
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"frontend_position: subsampled runs the frontend on the encoder's d_model "
                 f"({self.encoder.d_model}) sequence, so its last channels must equal it, "
                 f"not {self.frontend.channels[-1]}"
             )
         if self.inter_ctc_layers:
             if not self.ctc:
-                raise ValueError("inter_ctc_layers needs the CTC head (ctc: true)")
+                raise ConfigError("inter_ctc_layers needs the CTC head (ctc: true)")
             bad = [i for i in self.inter_ctc_layers if not 1 <= i < self.encoder.n_layers]
             if bad:
-                raise ValueError(
+                raise ConfigError(
                     f"inter_ctc_layers {list(self.inter_ctc_layers)}: each must be a conformer "
                     f"block before the last, 1..{self.encoder.n_layers - 1}"
                 )
         if self.decoder == "none" and not self.ctc:
-            raise ValueError("a model needs a decoder or a CTC head (decoder: none, ctc: false)")
+            raise ConfigError("a model needs a decoder or a CTC head (decoder: none, ctc: false)")
 
 
 @dataclass
@@ -180,7 +181,7 @@ class E2EASR(nn.Module):
     ) -> None:
         super().__init__()
         if decoder is None and ctc is None:
-            raise ValueError("E2EASR needs a decoder, a CTC head, or both")
+            raise ConfigError("E2EASR needs a decoder, a CTC head, or both")
         self.features = features or LogMelFeatures()
         self.spec_augment = spec_augment
         self.frontend = frontend
@@ -376,7 +377,7 @@ def save_checkpoint(model: E2EASR, path: str | Path, extra: dict | None = None) 
     return atomic_save(payload, path)
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be loaded; the message says why and what to do."""
 
 

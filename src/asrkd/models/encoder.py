@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asrkd.errors import ConfigError
 from asrkd.models.common import make_pad_mask
 
 __all__ = [
@@ -93,34 +94,34 @@ class FastConformerConfig:
 
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads or self.d_model % 2:
-            raise ValueError(f"d_model={self.d_model} must be even and divisible by n_heads")
+            raise ConfigError(f"d_model={self.d_model} must be even and divisible by n_heads")
         if self.conv_kernel % 2 == 0:
-            raise ValueError(f"conv_kernel={self.conv_kernel} must be odd")
+            raise ConfigError(f"conv_kernel={self.conv_kernel} must be odd")
         if self.subsampling == "dw_striding":
             if self.subsampling_factor < 2:
-                raise ValueError(
+                raise ConfigError(
                     f"subsampling_factor={self.subsampling_factor}: dw_striding needs >= 2 "
                     "(use subsampling: none for a frontend that subsamples itself)"
                 )
             _num_subsampling_stages(self.subsampling_factor)
         elif self.subsampling == "none":
             if self.subsampling_factor != 1:
-                raise ValueError(
+                raise ConfigError(
                     f"subsampling: none reduces no frames, so subsampling_factor must be 1, "
                     f"not {self.subsampling_factor}"
                 )
         else:
-            raise ValueError(
+            raise ConfigError(
                 f"subsampling must be 'dw_striding' or 'none', not {self.subsampling!r}"
             )
         if self.conv_norm not in ("batch_norm", "layer_norm"):
-            raise ValueError(
+            raise ConfigError(
                 f"conv_norm must be 'batch_norm' or 'layer_norm', not {self.conv_norm}"
             )
         if self.att_context is not None and (
             len(self.att_context) != 2 or min(self.att_context) < -1
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"att_context must be (left, right) with values >= -1: {self.att_context}"
             )
         if self.conv_context is not None and (
@@ -128,7 +129,7 @@ class FastConformerConfig:
             or min(self.conv_context) < 0
             or sum(self.conv_context) + 1 != self.conv_kernel
         ):
-            raise ValueError(
+            raise ConfigError(
                 f"conv_context {self.conv_context} must be (left, right) >= 0 with "
                 f"left + right + 1 == conv_kernel ({self.conv_kernel})"
             )
@@ -156,7 +157,7 @@ class EncoderOutput(NamedTuple):
 
 def _num_subsampling_stages(factor: int) -> int:
     if factor < 1 or factor & (factor - 1):
-        raise ValueError(f"subsampling_factor must be a power of two, not {factor}")
+        raise ConfigError(f"subsampling_factor must be a power of two, not {factor}")
     return factor.bit_length() - 1
 
 

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asrkd.errors import ConfigError
 from asrkd.models.common import make_pad_mask
 
 __all__ = ["ResNet1D", "ResNet1DConfig", "ResidualBlock1D"]
@@ -42,11 +43,11 @@ class ResNet1DConfig:
 
     def __post_init__(self) -> None:
         if len(self.channels) != len(self.strides) or not self.channels:
-            raise ValueError("channels and strides need one entry per stage (at least one stage)")
+            raise ConfigError("channels and strides need one entry per stage (at least one stage)")
         if self.kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size={self.kernel_size} must be odd")
+            raise ConfigError(f"kernel_size={self.kernel_size} must be odd")
         if self.blocks_per_stage < 1 or min(self.strides) < 1:
-            raise ValueError("blocks_per_stage and strides must be >= 1")
+            raise ConfigError("blocks_per_stage and strides must be >= 1")
 
 
 def _strided_lengths(lengths: torch.Tensor, stride: int) -> torch.Tensor:

@@ -25,6 +25,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from asrkd.errors import ConfigError, UserError
+
 FORMAT = "asrkd-ngram-1"
 
 
@@ -92,7 +94,7 @@ class NGramLM:
 
         ``tokenizer`` (its ``to_dict()``) and ``words`` (the lexicon) are stored with the LM."""
         if order < 1:
-            raise ValueError(f"order must be >= 1, not {order}")
+            raise ConfigError(f"order must be >= 1, not {order}")
         counts: list[dict[tuple[int, ...], int]] = [defaultdict(int) for _ in range(order)]
         n_sentences = 0
         for sentence in sentences:
@@ -108,7 +110,7 @@ class NGramLM:
                     if gram[0] == bos_id:
                         break
         if n_sentences == 0:
-            raise ValueError("no training sentences for the n-gram LM")
+            raise UserError("no training sentences for the n-gram LM")
         # Kneser-Ney counts: the highest order and <s>-initial grams keep raw counts; every other
         # lower-order gram counts the distinct tokens seen before it.
         kn: list[dict[tuple[int, ...], int]] = [dict(c) for c in counts]
@@ -174,7 +176,7 @@ class NGramLM:
         """Per token id, ``(starts a word, text)``, from the tokenizer the LM was trained with."""
         if self._word_pieces is None:
             if self.tokenizer is None:
-                raise ValueError("this LM stores no tokenizer, so it cannot follow words")
+                raise UserError("this LM stores no tokenizer, so it cannot follow words")
             from asrkd.data.tokenizer import tokenizer_from_dict
 
             self._word_pieces = tokenizer_from_dict(self.tokenizer).word_pieces()
@@ -269,7 +271,7 @@ class NGramLM:
             raise FileNotFoundError(f"{path}: n-gram LM not found (make one with `asrkd lm`)")
         payload = json.loads(path.read_text(encoding="utf-8"))
         if payload.get("format") != FORMAT:
-            raise ValueError(f"{path}: not an asrkd n-gram LM (format {payload.get('format')!r})")
+            raise UserError(f"{path}: not an asrkd n-gram LM (format {payload.get('format')!r})")
         order = int(payload["order"])
         log_probs: list[dict[tuple[int, ...], dict[int, float]]] = [{} for _ in range(order)]
         for row in payload["log_probs"]:
@@ -298,12 +300,12 @@ class NGramLM:
     def check_tokenizer(self, tokenizer) -> None:
         """Raise ValueError unless ``tokenizer`` is the one this LM was trained with."""
         if self.tokenizer is not None and self.tokenizer != tokenizer.to_dict():
-            raise ValueError(
+            raise UserError(
                 "the n-gram LM was trained with another tokenizer than the model's: train it "
                 "with `asrkd lm --ckpt <this model>`"
             )
         if tokenizer.vocab_size != self.vocab_size:
-            raise ValueError(f"LM vocabulary {self.vocab_size} vs model {tokenizer.vocab_size}")
+            raise UserError(f"LM vocabulary {self.vocab_size} vs model {tokenizer.vocab_size}")
 
     def __repr__(self) -> str:
         grams = sum(len(t) for tables in self.log_probs for t in tables.values())
@@ -328,7 +330,7 @@ class LMFusion:
 
     def __post_init__(self) -> None:
         if self.unk_penalty and not self.lm.words:
-            raise ValueError("unk_penalty needs an LM that stores its training words")
+            raise UserError("unk_penalty needs an LM that stores its training words")
 
 
 def train_lm(texts: Iterable[str], tokenizer, order: int = 6) -> NGramLM:

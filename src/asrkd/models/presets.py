@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from functools import partial
 
+from asrkd.errors import UserError
 from asrkd.models.e2e_asr import ModelConfig
 from asrkd.models.student_model import student_cpu
 from asrkd.models.teacher_model import (
@@ -30,5 +31,5 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
 
 def get_preset(name: str) -> ModelConfig:
     if name not in PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        raise UserError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
     return PRESETS[name]()

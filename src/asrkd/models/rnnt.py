@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from asrkd.errors import ConfigError
+
 __all__ = ["RNNTConfig", "PredictionNetwork", "JointNetwork", "RNNTransducer"]
 
 # LSTM state: (h, c), each (layers, N, pred_dim).
@@ -101,7 +103,7 @@ class JointNetwork(nn.Module):
     def __init__(self, config: RNNTConfig) -> None:
         super().__init__()
         if config.joint_activation not in ("tanh", "relu"):
-            raise ValueError(f"unknown joint_activation {config.joint_activation!r}")
+            raise ConfigError(f"unknown joint_activation {config.joint_activation!r}")
         self.encoder_proj = nn.Linear(config.encoder_dim, config.joint_dim)
         self.pred_proj = nn.Linear(config.pred_dim, config.joint_dim)
         self.activation = nn.Tanh() if config.joint_activation == "tanh" else nn.ReLU()
@@ -143,7 +145,7 @@ class RNNTransducer(nn.Module):
     def __init__(self, config: RNNTConfig) -> None:
         super().__init__()
         if not 0 <= config.blank_id < config.vocab_size:
-            raise ValueError("blank_id must be inside the vocabulary")
+            raise ConfigError("blank_id must be inside the vocabulary")
         self.config = config
         self.blank_id = config.blank_id
         self.prediction = PredictionNetwork(config)

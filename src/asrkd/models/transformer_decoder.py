@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from asrkd.errors import ConfigError
 from asrkd.models.common import make_pad_mask
 
 NEG_INF = float("-inf")
@@ -150,7 +151,7 @@ class _Attention(nn.Module):
     def __init__(self, d_model: int, n_heads: int, dropout: float) -> None:
         super().__init__()
         if d_model % n_heads:
-            raise ValueError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
+            raise ConfigError(f"d_model {d_model} is not divisible by n_heads {n_heads}")
         self.n_heads = n_heads
         self.head_dim = d_model // n_heads
         self.dropout = dropout

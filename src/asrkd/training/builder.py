@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING
 
 from asrkd.config import to_dict
 from asrkd.data.tokenizer import Tokenizer
+from asrkd.errors import ConfigError, UserError
 from asrkd.modelmodule import ModelModule
 from asrkd.models.e2e_asr import E2EASR, ModelConfig, build_model
 from asrkd.models.teacher_model import load_teacher
@@ -33,10 +34,10 @@ def build_objective(model: E2EASR, training: TrainingConfig,
         return build_kd(model, asr_loss, training.kd, teacher_cache=TeacherCache(teacher_cache),
                         distil_final_output=training.distil_final_output)
     if teacher_checkpoint is None:
-        raise ValueError("use_kd needs training.teacher_checkpoint (a trained teacher)")
+        raise ConfigError("use_kd needs training.teacher_checkpoint (a trained teacher)")
     teacher = load_teacher(teacher_checkpoint)
     if teacher.tokenizer.to_dict() != model.tokenizer.to_dict():
-        raise ValueError(
+        raise UserError(
             "teacher and student tokenizers differ: distil with the teacher's tokenizer "
             f"(vocabulary {teacher.vocab_size} vs {model.vocab_size})"
         )

@@ -13,8 +13,10 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
+from asrkd.errors import UserError
 
-class TrainingDivergedError(RuntimeError):
+
+class TrainingDivergedError(UserError, RuntimeError):
     """Too many batches in a row had a non-finite loss or gradient; the run stops."""
 
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from asrkd.errors import ConfigError
 from asrkd.models.distillation import KDWrapper
 from asrkd.models.e2e_asr import E2EASR, ASROutput
 from asrkd.training.kd_losses import KD_LOSSES, REDUCTIONS, check_kd_compatibility
@@ -53,21 +54,21 @@ class KDConfig:
 
     def __post_init__(self) -> None:
         if self.reduction not in REDUCTIONS:
-            raise ValueError(
+            raise ConfigError(
                 f"kd.reduction must be one of {', '.join(REDUCTIONS)}, got {self.reduction!r}"
             )
         unknown = [name for name in self.losses if name not in KD_LOSSES]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown KD loss {unknown[0]!r} in kd.losses; valid names: "
                 f"{', '.join(sorted(KD_LOSSES))}"
             )
         if self.weights is not None and len(self.weights) != len(self.losses):
-            raise ValueError("kd.weights needs one weight per entry of kd.losses")
+            raise ConfigError("kd.weights needs one weight per entry of kd.losses")
         if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"kd.alpha must be within [0, 1], got {self.alpha}")
+            raise ConfigError(f"kd.alpha must be within [0, 1], got {self.alpha}")
         if not self.temperature > 0:  # checked here, before any teacher is loaded
-            raise ValueError(f"kd.temperature must be > 0, got {self.temperature}")
+            raise ConfigError(f"kd.temperature must be > 0, got {self.temperature}")
 
 
 class KDLoss(nn.Module):
@@ -93,7 +94,7 @@ class KDLoss(nn.Module):
             if name not in config.losses:
                 continue
             if not cls.applies(teacher, student):
-                raise ValueError(f"KD loss {name!r} needs teacher and student with {cls.requires}")
+                raise ConfigError(f"KD loss {name!r} needs teacher and student with {cls.requires}")
             self.losses[name] = cls.from_config(config, teacher, student)
 
     @property
@@ -132,7 +133,7 @@ def build_kd(
     """
     if teacher_cache is not None:
         if tuple(config.losses) != ("ctc_kl",):
-            raise ValueError(
+            raise ConfigError(
                 "a teacher cache holds CTC posteriors only: set kd.losses to [ctc_kl] "
                 f"(got {list(config.losses)}), or train without training.teacher_cache"
             )
@@ -142,10 +143,10 @@ def build_kd(
         return KDWrapper(CachedTeacher(teacher_cache), student, asr_loss_fn, kd_loss,
                          distil_final_output, config.alpha)
     if teacher is None:
-        raise ValueError("KD needs a teacher or a teacher cache")
+        raise ConfigError("KD needs a teacher or a teacher cache")
     if not distil_final_output:
         if "hidden" not in config.losses:
-            raise ValueError(
+            raise ConfigError(
                 "distil_final_output=False leaves only hidden-state KD; add 'hidden' to "
                 "kd.losses"
             )

@@ -33,6 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from asrkd.data.tokenizer import BLANK_ID
+from asrkd.errors import ConfigError, UserError
 from asrkd.models.common import make_pad_mask
 from asrkd.models.transformer_decoder import make_decoder_io
 from asrkd.utils.metrics import align_counts
@@ -122,7 +123,7 @@ REDUCTIONS = ("utterance", "frame")
 
 def _check_reduction(reduction: str) -> str:
     if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+        raise ConfigError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     return reduction
 
 
@@ -145,7 +146,7 @@ def _reduce(
 
 def _check_temperature(temperature: float) -> float:
     if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
+        raise ConfigError(f"temperature must be > 0, got {temperature}")
     return float(temperature)
 
 
@@ -205,7 +206,7 @@ def check_kd_compatibility(
                 f"{student_frame_rate} (student); frame-level KD needs equal frame rates"
             )
     if problems:
-        raise ValueError("teacher/student are not KD-compatible: " + "; ".join(problems))
+        raise UserError("teacher/student are not KD-compatible: " + "; ".join(problems))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -248,7 +249,7 @@ class CTCFrameKD(nn.Module):
         self.temperature = _check_temperature(temperature)
         self.reduction = _check_reduction(reduction)
         if blank_weight < 0:
-            raise ValueError(f"blank_weight must be >= 0, got {blank_weight}")
+            raise ConfigError(f"blank_weight must be >= 0, got {blank_weight}")
         self.blank_weight = float(blank_weight)
         self.blank_threshold = None if blank_threshold is None else float(blank_threshold)
 
@@ -556,9 +557,9 @@ class RNNTKD(nn.Module):
         self.temperature = _check_temperature(temperature)
         self.reduction = _check_reduction(reduction)
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         if weighting not in ("uniform", "occupancy"):
-            raise ValueError(f"weighting must be 'uniform' or 'occupancy', got {weighting!r}")
+            raise ConfigError(f"weighting must be 'uniform' or 'occupancy', got {weighting!r}")
         self.chunk_size = int(chunk_size)
         self.weighting = weighting
         self.checkpoint_chunks = bool(checkpoint_chunks)
@@ -756,7 +757,7 @@ class HiddenStateKD(nn.Module):
         super().__init__()
         self.reduction = _check_reduction(reduction)
         if loss not in ("mse", "cosine"):
-            raise ValueError(f"loss must be 'mse' or 'cosine', got {loss!r}")
+            raise ConfigError(f"loss must be 'mse' or 'cosine', got {loss!r}")
         self.student_dims = [int(d) for d in student_dims]
         self.teacher_dims = [int(d) for d in teacher_dims]
         if layer_map is None:
@@ -968,7 +969,7 @@ def build_kd_loss(name: str, **kwargs: object) -> nn.Module:
         ValueError: for an unknown name, listing the valid ones.
     """
     if name not in KD_LOSSES:
-        raise ValueError(f"unknown KD loss {name!r}; valid names: {', '.join(sorted(KD_LOSSES))}")
+        raise ConfigError(f"unknown KD loss {name!r}; valid names: {', '.join(sorted(KD_LOSSES))}")
     return KD_LOSSES[name](**kwargs)
 
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from asrkd.errors import ConfigError
 from asrkd.models.ctc import ctc_loss
 from asrkd.models.e2e_asr import ASROutput
 from asrkd.models.transformer_decoder import label_smoothed_ce, make_decoder_io
@@ -66,16 +67,16 @@ class ASRLossConfig:
 
     def __post_init__(self) -> None:
         if self.attention_reduction not in ("utterance", "token"):
-            raise ValueError(
+            raise ConfigError(
                 "attention_reduction must be 'utterance' or 'token', got "
                 f"{self.attention_reduction!r}"
             )
         if not 0.0 <= self.inter_ctc_weight <= 1.0:
-            raise ValueError(
+            raise ConfigError(
                 f"inter_ctc_weight must be within [0, 1], got {self.inter_ctc_weight}"
             )
         if not 0.0 <= self.ctc_weight <= 1.0:
-            raise ValueError(f"ctc_weight must be within [0, 1], got {self.ctc_weight}")
+            raise ConfigError(f"ctc_weight must be within [0, 1], got {self.ctc_weight}")
 
 
 class ASRLoss(nn.Module):

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
+from asrkd.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class OptimConfig:
@@ -23,7 +25,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         if self.schedule not in ("cosine", "noam", "constant"):
-            raise ValueError(f"optim.schedule must be cosine, noam or constant: {self.schedule}")
+            raise ConfigError(f"optim.schedule must be cosine, noam or constant: {self.schedule}")
 
 
 def lr_factor(step: int, config: OptimConfig, total_steps: int) -> float:

@@ -28,7 +28,6 @@ one more unit.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import time
@@ -36,11 +35,11 @@ from collections import Counter
 from pathlib import Path
 
 from asrkd.data.dataset import ManifestDataset, duration_batches
+from asrkd.errors import UserError
 from asrkd.models.common import Hypothesis, pad_sequences
 from asrkd.models.e2e_asr import DECODING_METHODS, E2EASR, load_checkpoint
 from asrkd.training.kd_losses import filter_pseudo_labels
 from asrkd.utils.metrics import char_errors, corpus_error_rates
-from asrkd.utils.threads import torch_threads
 
 DROP_REASONS = ("empty transcript", "low confidence", "low agreement")
 
@@ -70,7 +69,7 @@ def transcript_agreement(main: str, other: str) -> float:
 def _check_method(model: E2EASR, method: str, what: str) -> None:
     """Fail before any decoding if ``method`` cannot run on this model."""
     if method not in DECODING_METHODS or method == "auto":
-        raise ValueError(
+        raise UserError(
             f"{what} {method!r} is not a decoding method; choose from "
             f"{', '.join(m for m in DECODING_METHODS if m != 'auto')}"
         )
@@ -82,7 +81,7 @@ def _check_method(model: E2EASR, method: str, what: str) -> None:
     }
     if not needs[family]:
         hint = " (pass agreement_with=None / --agreement-with none)" if "agree" in what else ""
-        raise ValueError(
+        raise UserError(
             f"{what} {method!r} does not fit this teacher (decoder {model.decoder_type}, "
             f"{'with' if model.ctc is not None else 'no'} CTC head){hint}"
         )
@@ -268,72 +267,8 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------------------------
-# CLI: asrkd pseudo-label
-# ---------------------------------------------------------------------------------------------
-
-
-def cmd_pseudo_label(args: argparse.Namespace) -> None:
-    """``asrkd pseudo-label``: write the kept pseudo-labels and print the report."""
-    with torch_threads(args.threads):
-        report = pseudo_label(
-            args.ckpt,
-            args.manifest,
-            args.out,
-            method=args.method,
-            beam_size=args.beam_size,
-            min_confidence=args.min_confidence,
-            agreement_with=args.agreement_with,
-            min_agreement=args.min_agreement,
-            batch_seconds=args.batch_seconds,
-        )
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
-
-
-def add_pseudo_label_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``pseudo-label`` subcommand to the ``asrkd`` parser's subparsers."""
-    parser = subparsers.add_parser(
-        "pseudo-label",
-        help="label audio with a teacher's confident transcripts (sequence-level KD)",
-        description="Transcribe a manifest (text optional) with the teacher, keep the "
-        "transcripts that pass the confidence and agreement filters, write them as a manifest. "
-        "Negative thresholds other than plain numbers need '=': --min-confidence=-inf.",
-    )
-    parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
-    parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
-    parser.add_argument("--out", required=True, help="pseudo-labelled JSONL manifest to write")
-    parser.add_argument("--method", default=None, help="decoding method (default: model's)")
-    parser.add_argument("--beam-size", type=int, default=4)
-    parser.add_argument(
-        "--min-confidence",
-        type=float,
-        default=-0.5,
-        help="minimum average log-prob per token (default -0.5)",
-    )
-    parser.add_argument(
-        "--agreement-with",
-        default="ctc_greedy",
-        help="second decoding to compare with, or 'none' (default ctc_greedy)",
-    )
-    parser.add_argument(
-        "--min-agreement",
-        type=float,
-        default=0.8,
-        help="minimum 1 - CER between the two decodings (default 0.8)",
-    )
-    parser.add_argument("--batch-seconds", type=float, default=120.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--json", default=None, help="also write the report as JSON")
-    parser.set_defaults(func=cmd_pseudo_label)
-    return parser
-
-
 __all__ = [
     "DROP_REASONS",
-    "add_pseudo_label_parser",
-    "cmd_pseudo_label",
     "format_report",
     "per_token_confidence",
     "pseudo_label",

@@ -33,8 +33,6 @@ containers and tensors::
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
@@ -43,6 +41,7 @@ from torch import nn
 
 from asrkd.data.dataset import ManifestDataset, duration_batches, utterance_key
 from asrkd.data.tokenizer import BLANK_ID
+from asrkd.errors import ConfigError, UserError
 from asrkd.models.common import make_pad_mask, pad_sequences
 from asrkd.models.e2e_asr import E2EASR, ASROutput, load_checkpoint
 from asrkd.training.kd_losses import (
@@ -53,7 +52,6 @@ from asrkd.training.kd_losses import (
     check_kd_compatibility,
     kl_from_log_probs,
 )
-from asrkd.utils.threads import torch_threads
 
 CACHE_FORMAT = "asrkd-teacher-cache-1"
 
@@ -86,13 +84,13 @@ def cache_teacher(
     start = time.perf_counter()
     _check_temperature(temperature)
     if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
+        raise UserError(f"top_k must be >= 1, got {top_k}")
     if isinstance(checkpoint, E2EASR):
         model, checkpoint_name = checkpoint, None
     else:
         model, checkpoint_name = load_checkpoint(checkpoint), str(Path(checkpoint).resolve())
     if model.ctc is None:
-        raise ValueError("the teacher has no CTC head; a teacher cache stores CTC posteriors")
+        raise UserError("the teacher has no CTC head; a teacher cache stores CTC posteriors")
     was_training = model.training
     model.eval()  # no SpecAugment, no dropout: the outputs are a function of the audio alone
     model.to(device)
@@ -161,7 +159,7 @@ def cache_teacher(
     }
 
 
-class TeacherCacheKeyError(KeyError):
+class TeacherCacheKeyError(UserError, KeyError):
     """An utterance missing from a teacher cache (message printed as is, not repr-quoted)."""
 
     def __str__(self) -> str:
@@ -185,7 +183,7 @@ class TeacherCache:
             )
         payload = torch.load(self.path, map_location="cpu", weights_only=True)
         if not isinstance(payload, dict) or payload.get("format") != CACHE_FORMAT:
-            raise ValueError(f"{self.path}: not an asrkd teacher cache ({CACHE_FORMAT})")
+            raise UserError(f"{self.path}: not an asrkd teacher cache ({CACHE_FORMAT})")
         self.teacher_checkpoint: str | None = payload["teacher_checkpoint"]
         self.manifest: str = payload["manifest"]
         self.vocab_size: int = int(payload["vocab_size"])
@@ -243,7 +241,7 @@ class TeacherCache:
             renormalisation removes). Padding: values 0, indices 0 (blank).
         """
         if int(vocab_size) != self.vocab_size:
-            raise ValueError(
+            raise UserError(
                 f"vocabulary size {self.vocab_size} (teacher cache {self.path}) vs {vocab_size} "
                 "(student); KD needs one shared vocabulary"
             )
@@ -254,7 +252,7 @@ class TeacherCache:
         for b, key in enumerate(keys):
             v, i = self.utterance(key)
             if v.shape[0] > num_frames:
-                raise ValueError(
+                raise UserError(
                     f"utterance {key} has {v.shape[0]} cached teacher frames but the batch has "
                     f"only {num_frames}: the audio or the subsampling differs from the cache's"
                 )
@@ -295,7 +293,7 @@ class CachedCTCFrameKD(nn.Module):
         self.temperature = _check_temperature(temperature)
         self.reduction = _check_reduction(reduction)
         if blank_weight < 0:
-            raise ValueError(f"blank_weight must be >= 0, got {blank_weight}")
+            raise ConfigError(f"blank_weight must be >= 0, got {blank_weight}")
         self.blank_weight = float(blank_weight)
 
     def forward(
@@ -415,39 +413,6 @@ class CachedCTCKD(nn.Module):
         return {"kd_ctc_kl": kd, "kd": self.weight * kd}
 
 
-def cmd_cache_teacher(args: argparse.Namespace) -> None:
-    """``asrkd cache-teacher``: write the cache and print its stats as JSON."""
-    with torch_threads(args.threads):
-        stats = cache_teacher(
-            args.ckpt,
-            args.manifest,
-            args.out,
-            top_k=args.top_k,
-            batch_seconds=args.batch_seconds,
-            temperature=args.temperature,
-        )
-    print(json.dumps(stats, indent=2))
-
-
-def add_cache_teacher_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    """Add the ``cache-teacher`` subcommand to the ``asrkd`` parser's subparsers."""
-    parser = subparsers.add_parser(
-        "cache-teacher",
-        help="store a teacher's top-k CTC log-probs over a manifest (offline KD)",
-        description="Run the teacher once (eval mode, no augmentation) and store its top-k "
-        "CTC log-probs per frame. Only valid for training without speed perturbation.",
-    )
-    parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
-    parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
-    parser.add_argument("--out", required=True, help="cache file to write")
-    parser.add_argument("--top-k", type=int, default=8, help="log-probs kept per frame")
-    parser.add_argument("--batch-seconds", type=float, default=120.0)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.set_defaults(func=cmd_cache_teacher)
-    return parser
-
-
 __all__ = [
     "CACHE_FORMAT",
     "CachedCTCFrameKD",
@@ -455,9 +420,7 @@ __all__ = [
     "CachedTeacher",
     "TeacherCache",
     "TeacherCacheKeyError",
-    "add_cache_teacher_parser",
     "cache_teacher",
-    "cmd_cache_teacher",
     "duration_batches",
     "utterance_key",
 ]
