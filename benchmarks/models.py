@@ -21,7 +21,7 @@ and measured on CPU with a fixed thread count (2 by default):
 * ``rtfx``: audio seconds / wall seconds of ``model.infer(..., method="ctc_greedy")`` on
   8 x 10 s (eval mode, one warm-up, best of 3).
 
-It also times :func:`asrkd.training.rnnt_loss.rnnt_loss` forward + backward against
+It also times :func:`asrkd.losses.rnnt_loss` forward + backward against
 ``F.ctc_loss`` (with its log-softmax) at B=8, T=125, U=40, V=33 and reports the ratio
 ``rnnt_over_ctc``. ``--quick`` shrinks every shape for a smoke test (numbers meaningless).
 """
@@ -43,10 +43,9 @@ import torch.nn.functional as F
 
 from asrkd.bench import BenchPlan, count_flops, peak_rss_of_training, rtfx
 from asrkd.data.tokenizer import CharTokenizer
+from asrkd.losses import ASRLoss, rnnt_loss
 from asrkd.models.e2e_asr import E2EASR, build_model
 from asrkd.models.presets import PRESETS
-from asrkd.training.losses import ASRLoss
-from asrkd.training.rnnt_loss import rnnt_loss
 from asrkd.utils.timing import best_time, cpu_model
 
 SAMPLE_RATE = 16000

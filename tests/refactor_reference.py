@@ -80,9 +80,9 @@ def batch(tokenizer) -> tuple[torch.Tensor, ...]:  # noqa: ANN001
 
 def measure(folder: Path) -> dict:
     """Loss parts and transcripts of both pairs on :func:`batch` (the library's API here)."""
+    from asrkd.losses import ASRLoss
     from asrkd.models.e2e_asr import load_checkpoint
     from asrkd.training.distillation import KDConfig, build_kd
-    from asrkd.training.losses import ASRLoss
 
     torch.manual_seed(0)
     result: dict = {}

@@ -10,13 +10,18 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.decoding.attention import attention_beam, attention_beam_nbest, attention_greedy
-from asrkd.decoding.ctc import CTCPrefixScorer, ctc_greedy_decode, ctc_prefix_beam_search
+from asrkd.decoding.ctc import (
+    CTCPrefixScorer,
+    ctc_greedy_decode,
+    ctc_prefix_beam_search,
+    ctc_sequence_log_prob,
+)
+from asrkd.losses import ctc_loss, label_smoothed_ce
 from asrkd.models.common import Hypothesis
-from asrkd.models.ctc import CTCConfig, CTCHead, ctc_sequence_log_prob
+from asrkd.models.ctc import CTCConfig, CTCHead
 from asrkd.models.transformer_decoder import (
     TransformerDecoder,
     TransformerDecoderConfig,
-    label_smoothed_ce,
     make_decoder_io,
 )
 
@@ -65,7 +70,7 @@ def test_ctc_head_shapes_and_loss_is_mean_of_utterance_sums():
     assert torch.allclose(head.log_probs(enc, temperature=2.0), (logits / 2).log_softmax(-1))
     targets = torch.tensor([[5, 6, 7, 5], [8, 8, 1, 1], [9, 1, 1, 1]])
     target_lengths = torch.tensor([4, 2, 1])
-    loss = head.loss(log_probs, lengths, targets, target_lengths)
+    loss = ctc_loss(log_probs, lengths, targets, target_lengths)
     per_utt = [
         F.ctc_loss(
             log_probs[b, : lengths[b]].unsqueeze(1),
@@ -264,7 +269,7 @@ def test_overfit_one_pair_greedy_beam_and_ctc():
         opt.zero_grad()
         _, dec_out, dec_len = make_decoder_io(target, tlen)
         loss = label_smoothed_ce(dec(enc, enc_len, target, tlen), dec_out, dec_len, 0.0)
-        loss = loss + head.loss(head.log_probs(enc), enc_len, target, tlen)
+        loss = loss + ctc_loss(head.log_probs(enc), enc_len, target, tlen)
         loss.backward()
         opt.step()
     dec.eval()

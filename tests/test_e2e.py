@@ -13,6 +13,7 @@ import torch
 
 from asrkd.data.audio_processing import SpecAugmentConfig
 from asrkd.data.tokenizer import CharTokenizer
+from asrkd.losses import ASRLoss
 from asrkd.models.common import pad_sequences
 from asrkd.models.e2e_asr import (
     E2EASR,
@@ -27,7 +28,6 @@ from asrkd.models.frontend import ResNet1DConfig
 from asrkd.models.presets import PRESETS, get_preset
 from asrkd.models.rnnt import RNNTConfig
 from asrkd.models.transformer_decoder import TransformerDecoderConfig
-from asrkd.training.losses import ASRLoss
 
 
 def tiny_config(decoder: str = "transformer", ctc: bool = True) -> ModelConfig:

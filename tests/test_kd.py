@@ -12,10 +12,10 @@ import torch
 
 from asrkd.config import ConfigError
 from asrkd.data.tokenizer import CharTokenizer
+from asrkd.losses import ASRLoss
 from asrkd.models.e2e_asr import build_model, save_checkpoint
 from asrkd.training.callbacks import parameters_fingerprint
 from asrkd.training.distillation import KDConfig, build_kd
-from asrkd.training.losses import ASRLoss
 from asrkd.training.pipeline import load_run_config, train
 from test_e2e import random_batch, tiny_config
 

@@ -1,4 +1,4 @@
-"""Tests for the tensor-level KD losses (asrkd.training.kd_losses)."""
+"""Tests for the tensor-level KD losses (asrkd.losses.kd) and pseudo-label filtering."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from asrkd.training.kd_losses import (
+from asrkd.losses.kd import (
     KD_LOSSES,
     RNNTKD,
     CTCFrameKD,
@@ -17,10 +17,9 @@ from asrkd.training.kd_losses import (
     build_kd_loss,
     check_kd_compatibility,
     default_layer_map,
-    filter_pseudo_labels,
-    nbest_agreement,
     rnnt_occupancy,
 )
+from asrkd.training.pseudo_labels import filter_pseudo_labels, nbest_agreement
 
 
 def _f(x: object) -> float:
@@ -416,7 +415,7 @@ def _brute_force_occupancy(lb: torch.Tensor, ly: torch.Tensor, n_t: int, n_u: in
 
 def test_rnnt_occupancy_matches_brute_force() -> None:
     _, teacher, targets, t_len, u_len = _rnnt_inputs(seed=15, b=2, t=4, u=3)
-    from asrkd.training.kd_losses import _next_labels, collapsed_log_probs
+    from asrkd.losses.kd.rnnt import _next_labels, collapsed_log_probs
 
     next_labels, has_label = _next_labels(targets, u_len, targets.shape[1] + 1)
     dist = collapsed_log_probs(teacher, next_labels, has_label)
@@ -433,7 +432,8 @@ def test_rnnt_occupancy_matches_brute_force() -> None:
 def test_rnnt_occupancy_weighting_is_weighted_mean(tau: float) -> None:
     """Nodes are weighted by the teacher's temperature-1 occupancy; KL is at temperature tau."""
     student, teacher, targets, t_len, u_len = _rnnt_inputs(seed=16)
-    from asrkd.training.kd_losses import _next_labels, collapsed_log_probs, kl_from_log_probs
+    from asrkd.losses.kd.common import kl_from_log_probs
+    from asrkd.losses.kd.rnnt import _next_labels, collapsed_log_probs
 
     next_labels, has_label = _next_labels(targets, u_len, targets.shape[1] + 1)
     td = collapsed_log_probs(teacher, next_labels, has_label)

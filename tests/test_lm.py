@@ -106,7 +106,7 @@ def test_fusion_changes_the_decision_towards_the_lm(tokenizer):
 def test_fused_score_is_ctc_plus_weighted_lm(tokenizer):
     """With a beam wide enough to be exact on a tiny vocabulary, the best fused hypothesis
     maximises log P_ctc(y) + w log P_lm(y </s>) + b |y| over all label sequences."""
-    from asrkd.models.ctc import ctc_sequence_log_prob
+    from asrkd.decoding.ctc import ctc_sequence_log_prob
 
     small = CharTokenizer(list("ab"))
     torch.manual_seed(0)
@@ -132,7 +132,7 @@ def test_fused_score_is_ctc_plus_weighted_lm(tokenizer):
 def test_unknown_word_penalty_is_exact_and_fixes_spelling():
     """With a word penalty the fused search maximises CTC + w LM + b |y| - p (#unknown
     words) over every label sequence; and it picks the known spelling of an ambiguous word."""
-    from asrkd.models.ctc import ctc_sequence_log_prob
+    from asrkd.decoding.ctc import ctc_sequence_log_prob
 
     small = CharTokenizer(list("ab "))
     torch.manual_seed(3)

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from asrkd.decoding.rnnt import rnnt_beam, rnnt_greedy
+from asrkd.losses import rnnt_loss
 from asrkd.models.common import Hypothesis
 from asrkd.models.rnnt import RNNTConfig, RNNTransducer
-from asrkd.training.rnnt_loss import rnnt_loss
 
 # ----------------------------------------------------------------------------- references
 

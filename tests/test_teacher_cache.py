@@ -10,9 +10,9 @@ import torch
 from asrkd.cli import build_parser
 from asrkd.data.dataset import ManifestDataset
 from asrkd.data.tokenizer import CharTokenizer
+from asrkd.losses import CTCFrameKD
 from asrkd.models.common import pad_sequences
 from asrkd.models.e2e_asr import build_model, save_checkpoint
-from asrkd.training.kd_losses import CTCFrameKD
 from asrkd.training.teacher_cache import (
     CACHE_FORMAT,
     CachedCTCFrameKD,
@@ -196,8 +196,8 @@ def test_validation_audio_outside_the_cache_gets_the_asr_loss(
 ):
     """A cache written over the training set: validation batches (not in it) are scored by the
     student's ASR loss; a training batch that is not in the cache is still an error."""
+    from asrkd.losses import ASRLoss
     from asrkd.training.distillation import KDConfig, build_kd
-    from asrkd.training.losses import ASRLoss
 
     teacher, student = teacher_and_student
     cache_teacher(teacher, small_manifest, tmp_path / "t.pt", top_k=3)

@@ -40,10 +40,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from asrkd.data.dataset import ManifestDataset, duration_batches
 from asrkd.data.tokenizer import CharTokenizer
+from asrkd.losses import ASRLoss
 from asrkd.models.common import pad_sequences
 from asrkd.models.e2e_asr import E2EASR, build_model, load_checkpoint
 from asrkd.models.presets import get_preset
-from asrkd.training.losses import ASRLoss
 from asrkd.utils.metrics import corpus_error_rates
 from asrkd.utils.threads import torch_threads
 from asrkd.utils.timing import best_time, cpu_model, peak_rss_mb

@@ -28,7 +28,7 @@ class ModelModule(L.LightningModule):
     Args:
         model: the E2EASR being trained (the student when distilling).
         objective: ``(audio, audio_lengths, targets, target_lengths, keys) -> dict`` of loss
-            parts with ``total``: a :class:`~asrkd.training.losses.Supervised` loss or a
+            parts with ``total``: a :class:`~asrkd.losses.Supervised` loss or a
             :class:`~asrkd.models.distillation.KDWrapper` around ``model``.
         optim: AdamW and schedule settings.
         val_decoding: decoding method of the validation WER (fast methods keep epochs short).

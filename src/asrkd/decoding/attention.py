@@ -7,10 +7,9 @@ import math
 
 import torch
 
-from asrkd.decoding.ctc import CTCPrefixScorer
+from asrkd.decoding.ctc import CTCPrefixScorer, ctc_sequence_log_prob
 from asrkd.errors import ConfigError
 from asrkd.models.common import Hypothesis
-from asrkd.models.ctc import ctc_sequence_log_prob
 from asrkd.models.transformer_decoder import TransformerDecoder
 
 NEG_INF = float("-inf")

@@ -7,6 +7,7 @@
 - :class:`CTCPrefixScorer` - the CTC prefix probability of Watanabe et al. (2017), "Hybrid
   CTC/attention architecture for end-to-end speech recognition", used to score candidate
   extensions of attention-decoder hypotheses in joint CTC/attention beam search.
+- :func:`ctc_sequence_log_prob` - exact log P(labels | input) of whole sequences, for rescoring.
 """
 
 from __future__ import annotations
@@ -408,3 +409,32 @@ class CTCPrefixScorer:
         for tok in tokens:
             state = self.advance(state, torch.tensor([tok], device=self.x.device))
         return float(self.final_score(state)[0])
+
+
+def ctc_sequence_log_prob(
+    log_probs: torch.Tensor,
+    lengths: torch.Tensor,
+    targets: torch.Tensor,
+    target_lengths: torch.Tensor,
+    blank_id: int = 0,
+) -> torch.Tensor:
+    """Exact log P(targets | input) under CTC for each utterance (-inf where impossible).
+
+    The forward algorithm of ``F.ctc_loss`` (its negative log-likelihood, without the
+    ``zero_infinity`` that training uses), batch-first.
+
+    Args:
+        log_probs: (B, T, V) log-probabilities.
+        lengths: (B,) valid frames.
+        targets: (B, U) padded label sequences (empty sequences allowed).
+        target_lengths: (B,) label lengths.
+        blank_id: CTC blank index.
+
+    Returns:
+        (B,) log-probabilities.
+    """
+    if log_probs.dtype != torch.float64:
+        log_probs = log_probs.float()
+    nll = F.ctc_loss(log_probs.transpose(0, 1), targets.long(), lengths.long(),
+                     target_lengths.long(), blank=blank_id, reduction="none", zero_infinity=False)
+    return -nll

@@ -1,7 +1,7 @@
 """RNN-Transducer head: prediction network and joint network (search: :mod:`asrkd.decoding.rnnt`).
 
 The transducer sits on top of any encoder producing (B, T, D) states. Its joint output
-(B, T, U+1, V) is trained with :func:`asrkd.training.rnnt_loss.rnnt_loss`. The vocabulary is the
+(B, T, U+1, V) is trained with :func:`asrkd.losses.rnnt_loss`. The vocabulary is the
 shared one (see docs/CONVENTIONS.md); blank (id 0) is both the "no emission" symbol and the start
 symbol fed to the prediction network, as in NeMo and torchaudio.
 """

@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 from asrkd.config import to_dict
 from asrkd.data.tokenizer import Tokenizer
 from asrkd.errors import ConfigError, UserError
+from asrkd.losses import ASRLoss, Supervised
 from asrkd.modelmodule import ModelModule
 from asrkd.models.e2e_asr import E2EASR, ModelConfig, build_model
 from asrkd.models.teacher_model import load_teacher
 from asrkd.training.distillation import build_kd
-from asrkd.training.losses import ASRLoss, Supervised
 from asrkd.training.teacher_cache import TeacherCache
 
 if TYPE_CHECKING:

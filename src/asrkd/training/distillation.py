@@ -2,7 +2,7 @@
 
 :class:`~asrkd.models.distillation.KDWrapper` (in the model layer) receives its loss functions
 and its teacher; this module makes them from a :class:`KDConfig`: :class:`KDLoss` sums the
-configured losses of the one registry, :data:`~asrkd.training.kd_losses.KD_LOSSES`, and
+configured losses of the one registry, :data:`~asrkd.losses.kd.KD_LOSSES`, and
 :func:`build_kd` picks the online teacher or a teacher cache.
 """
 
@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 from asrkd.errors import ConfigError
+from asrkd.losses.kd import KD_LOSSES, REDUCTIONS, check_kd_compatibility
 from asrkd.models.distillation import KDWrapper
 from asrkd.models.e2e_asr import E2EASR, ASROutput
-from asrkd.training.kd_losses import KD_LOSSES, REDUCTIONS, check_kd_compatibility
 from asrkd.training.teacher_cache import CachedCTCKD, CachedTeacher, TeacherCache
 
 

@@ -18,6 +18,7 @@ from asrkd.data.dataset import ManifestDataset, duration_batches
 from asrkd.data.tokenizer import Tokenizer, build_tokenizer
 from asrkd.decoding.ctc import ctc_prefix_beam_search
 from asrkd.errors import UserError
+from asrkd.losses import ASRLossConfig
 from asrkd.modelmodule import ModelModule
 from asrkd.models.common import pad_sequences
 from asrkd.models.e2e_asr import (
@@ -34,7 +35,6 @@ from asrkd.models.presets import get_preset
 from asrkd.training.builder import build_module
 from asrkd.training.checkpointing import resume_checkpoint
 from asrkd.training.distillation import KDConfig
-from asrkd.training.losses import ASRLossConfig
 from asrkd.training.optim import OptimConfig
 from asrkd.training.trainer import build_trainer
 from asrkd.utils.io import atomic_write_text

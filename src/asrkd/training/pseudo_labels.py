@@ -4,7 +4,7 @@
 transcript by the teacher's confidence (average log-probability per token) and, optionally,
 by its agreement with a second decoding of the same audio (e.g. CTC greedy vs attention beam
 search: 1 - CER between the two), keeps the lines that pass both thresholds
-(:func:`~asrkd.training.kd_losses.filter_pseudo_labels`) and writes them as a NeMo manifest a
+(:func:`filter_pseudo_labels`) and writes them as a NeMo manifest a
 student can be trained on. When the input has reference text, the report also gives the WER
 of the kept pseudo-labels, i.e. how much label noise the student will see.
 
@@ -32,16 +32,99 @@ import json
 import math
 import time
 from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
+
+import torch
 
 from asrkd.data.dataset import ManifestDataset, duration_batches
 from asrkd.errors import UserError
 from asrkd.models.common import Hypothesis, pad_sequences
 from asrkd.models.e2e_asr import DECODING_METHODS, E2EASR, load_checkpoint
-from asrkd.training.kd_losses import filter_pseudo_labels
-from asrkd.utils.metrics import char_errors, corpus_error_rates
+from asrkd.utils.metrics import align_counts, char_errors, corpus_error_rates
 
 DROP_REASONS = ("empty transcript", "low confidence", "low agreement")
+
+
+def nbest_agreement(nbest: Sequence[Sequence[Sequence[int]]]) -> torch.Tensor:
+    """Agreement of each utterance's n-best list with its 1-best, in [0, 1].
+
+    For utterance b with hypotheses h_1 (best) .. h_N: mean over n >= 2 of
+    ``1 - min(1, edit_distance(h_1, h_n) / max(len(h_1), 1))``; 1.0 when N == 1.
+    A teacher that keeps producing the same transcript in its beam is more likely right.
+
+    Args:
+        nbest: per utterance, a list of token-id sequences, best first.
+
+    Returns:
+        (B,) float agreement.
+    """
+    out = []
+    for hyps in nbest:
+        if len(hyps) <= 1:
+            out.append(1.0)
+            continue
+        best = list(hyps[0])
+        scores = [
+            1.0 - min(1.0, align_counts(best, list(h)).errors / max(len(best), 1)) for h in hyps[1:]
+        ]
+        out.append(sum(scores) / len(scores))
+    return torch.tensor(out, dtype=torch.float32)
+
+
+def filter_pseudo_labels(
+    hypotheses_scores: torch.Tensor | Sequence[float] | Sequence[Sequence[float]],
+    lengths: torch.Tensor | Sequence[int] | Sequence[Sequence[int]],
+    min_confidence: float = -0.5,
+    agreement: torch.Tensor | Sequence[float] | None = None,
+    min_agreement: float = 0.5,
+    scores_are_normalized: bool = False,
+    drop_empty: bool = True,
+) -> tuple[torch.Tensor, float]:
+    """Decide which teacher pseudo-labels to keep for sequence-level KD.
+
+    Confidence is the 1-best hypothesis's average log-probability per token
+    (``score / max(length, 1)``, or the score itself if ``scores_are_normalized``). An
+    utterance is kept if its confidence >= ``min_confidence``, its agreement (if given)
+    >= ``min_agreement``, and (with ``drop_empty``) its 1-best is not empty.
+
+    Args:
+        hypotheses_scores: (B,) 1-best log-probabilities, or (B, N) n-best ones with the best
+            in column 0 (only column 0 is used for confidence).
+        lengths: (B,) or (B, N) token counts of those hypotheses (without bos/eos).
+        min_confidence: threshold on the per-token average log-probability (e.g. -0.5 keeps
+            hypotheses whose tokens have geometric-mean probability >= exp(-0.5) ~ 0.61).
+        agreement: optional (B,) scores in [0, 1], e.g. from :func:`nbest_agreement` or from
+            comparing CTC and attention hypotheses.
+        min_agreement: threshold on ``agreement``.
+        scores_are_normalized: the scores already are per-token averages.
+        drop_empty: drop utterances whose 1-best has no tokens.
+
+    Returns:
+        ``(keep, kept_share)``: keep (B,) bool mask and the kept fraction in [0, 1]
+        (0.0 for an empty batch).
+    """
+    scores = torch.as_tensor(hypotheses_scores, dtype=torch.float64)
+    lens = torch.as_tensor(lengths, dtype=torch.float64)
+    if scores.dim() == 2:
+        scores = scores[:, 0]
+    if lens.dim() == 2:
+        lens = lens[:, 0]
+    if scores.shape != lens.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and lengths {tuple(lens.shape)} differ")
+    confidence = scores if scores_are_normalized else scores / lens.clamp_min(1.0)
+    keep = confidence >= min_confidence
+    if agreement is not None:
+        agree = torch.as_tensor(agreement, dtype=torch.float64)
+        if agree.shape != keep.shape:
+            raise ValueError(
+                f"agreement {tuple(agree.shape)} does not match batch {tuple(keep.shape)}"
+            )
+        keep &= agree >= min_agreement
+    if drop_empty:
+        keep &= lens > 0
+    share = float(keep.double().mean()) if keep.numel() else 0.0
+    return keep, share
 
 
 def per_token_confidence(hypothesis: Hypothesis, method: str, length_penalty: float = 1.0) -> float:

@@ -1,6 +1,6 @@
 """Offline teacher outputs: run the teacher once, keep its top-k CTC log-probs, distil from them.
 
-Frame-level CTC KD (:class:`~asrkd.training.kd_losses.CTCFrameKD`) runs the teacher on every
+Frame-level CTC KD (:class:`~asrkd.losses.kd.CTCFrameKD`) runs the teacher on every
 training step. When the teacher's input never changes from epoch to epoch its outputs do not
 either, so :func:`cache_teacher` runs it once over a manifest and stores, per utterance and
 per valid encoder frame, the ``k`` largest CTC log-probabilities and their token ids.
@@ -42,16 +42,16 @@ from torch import nn
 from asrkd.data.dataset import ManifestDataset, duration_batches, utterance_key
 from asrkd.data.tokenizer import BLANK_ID
 from asrkd.errors import ConfigError, UserError
+from asrkd.losses.kd.common import (
+    check_kd_compatibility,
+    check_reduction,
+    check_temperature,
+    kl_from_log_probs,
+    reduce_losses,
+    upcast_half,
+)
 from asrkd.models.common import make_pad_mask, pad_sequences
 from asrkd.models.e2e_asr import E2EASR, ASROutput, load_checkpoint
-from asrkd.training.kd_losses import (
-    _check_reduction,
-    _check_temperature,
-    _reduce,
-    _upcast,
-    check_kd_compatibility,
-    kl_from_log_probs,
-)
 
 CACHE_FORMAT = "asrkd-teacher-cache-1"
 
@@ -82,7 +82,7 @@ def cache_teacher(
         ``{"path", "utterances", "frames", "mb", "seconds"}``.
     """
     start = time.perf_counter()
-    _check_temperature(temperature)
+    check_temperature(temperature)
     if top_k < 1:
         raise UserError(f"top_k must be >= 1, got {top_k}")
     if isinstance(checkpoint, E2EASR):
@@ -113,7 +113,7 @@ def cache_teacher(
                 items = [dataset[wanted[i]] for i in batch]
                 audio, lengths = pad_sequences([item["audio"] for item in items])
                 out = model(audio.to(device), lengths.to(device))
-                log_probs = torch.log_softmax(_upcast(out.ctc_logits) / temperature, dim=-1)
+                log_probs = torch.log_softmax(upcast_half(out.ctc_logits) / temperature, dim=-1)
                 values, indices = log_probs.topk(k, dim=-1)  # (B, T, k), largest first
                 for row, item in enumerate(items):
                     n = int(out.encoder_lengths[row])
@@ -266,7 +266,7 @@ class TeacherCache:
 
 
 class CachedCTCFrameKD(nn.Module):
-    """:class:`~asrkd.training.kd_losses.CTCFrameKD` with the teacher given as top-k log-probs.
+    """:class:`~asrkd.losses.kd.CTCFrameKD` with the teacher given as top-k log-probs.
 
     Teacher distribution per frame: ``p = softmax(values / tau)`` over its k kept tokens
     (renormalised over the kept support); student: ``q = log_softmax(student_logits / tau)``
@@ -290,8 +290,8 @@ class CachedCTCFrameKD(nn.Module):
         self, temperature: float = 2.0, blank_weight: float = 1.0, reduction: str = "utterance"
     ) -> None:
         super().__init__()
-        self.temperature = _check_temperature(temperature)
-        self.reduction = _check_reduction(reduction)
+        self.temperature = check_temperature(temperature)
+        self.reduction = check_reduction(reduction)
         if blank_weight < 0:
             raise ConfigError(f"blank_weight must be >= 0, got {blank_weight}")
         self.blank_weight = float(blank_weight)
@@ -343,7 +343,7 @@ class CachedCTCFrameKD(nn.Module):
         tau = self.temperature
         valid = ~make_pad_mask(lengths.to(student_logits.device), student_logits.shape[1])
         # Select valid frames first: padding never enters any arithmetic.
-        student = _upcast(student_logits[valid])  # (N, V)
+        student = upcast_half(student_logits[valid])  # (N, V)
         values = teacher_values.detach().to(student.device)[valid].to(student.dtype)  # (N, k)
         ids = teacher_indices.to(student.device)[valid].long()  # (N, k)
         log_p = torch.log_softmax(values / tau, dim=-1)
@@ -358,7 +358,7 @@ class CachedCTCFrameKD(nn.Module):
                 torch.full_like(kl, self.blank_weight),
                 torch.ones_like(kl),
             )
-        return tau**2 * _reduce(kl, weights, len(lengths), self.reduction)
+        return tau**2 * reduce_losses(kl, weights, len(lengths), self.reduction)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,8 +1,4 @@
-"""Losses: ASRLoss (CTC + attention CE or RNN-T, weighted), the KD family, rnnt_loss.
-
-``rnnt_loss`` and the KD losses live in their own modules (they are long); this module is
-the one place the rest of the code imports losses from.
-"""
+"""The supervised ASR objective: CTC plus attention CE or RNN-T, weighted (:class:`ASRLoss`)."""
 
 from __future__ import annotations
 
@@ -12,37 +8,11 @@ import torch
 from torch import nn
 
 from asrkd.errors import ConfigError
-from asrkd.models.ctc import ctc_loss
+from asrkd.losses.attention import label_smoothed_ce
+from asrkd.losses.ctc import ctc_loss
+from asrkd.losses.rnnt import rnnt_loss
 from asrkd.models.e2e_asr import ASROutput
-from asrkd.models.transformer_decoder import label_smoothed_ce, make_decoder_io
-from asrkd.training.kd_losses import (
-    KD_LOSSES,
-    RNNTKD,
-    CTCFrameKD,
-    HiddenStateKD,
-    TokenKD,
-    build_kd_loss,
-    check_kd_compatibility,
-    default_layer_map,
-    filter_pseudo_labels,
-)
-from asrkd.training.rnnt_loss import rnnt_loss
-
-__all__ = [
-    "ASRLoss",
-    "ASRLossConfig",
-    "CTCFrameKD",
-    "HiddenStateKD",
-    "KD_LOSSES",
-    "RNNTKD",
-    "Supervised",
-    "TokenKD",
-    "build_kd_loss",
-    "check_kd_compatibility",
-    "default_layer_map",
-    "filter_pseudo_labels",
-    "rnnt_loss",
-]
+from asrkd.models.transformer_decoder import make_decoder_io
 
 
 @dataclass(frozen=True)
