@@ -4,6 +4,7 @@ joint CTC/attention scoring (ESPnet style) or CTC rescoring of the n-best."""
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -101,30 +102,15 @@ def attention_beam(
     decoder: TransformerDecoder,
     encoder_out: torch.Tensor,
     encoder_lengths: torch.Tensor,
-    beam_size: int = 4,
-    length_penalty: float = 1.0,
-    ctc_log_probs: torch.Tensor | None = None,
-    ctc_weight: float = 0.0,
-    max_len: int | None = None,
-    ctc_mode: str = "joint",
-    max_len_ratio: float = 1.0,
+    **options: Any,
 ) -> list[Hypothesis]:
     """Batched beam search; returns the best hypothesis per utterance.
 
-    See :func:`attention_beam_nbest` for the arguments.
+    ``options`` are the keyword arguments of :func:`attention_beam_nbest` (``beam_size``,
+    ``length_penalty``, ``ctc_log_probs``, ``ctc_weight``, ``max_len``, ``ctc_mode``,
+    ``max_len_ratio``).
     """
-    nbest = attention_beam_nbest(
-        decoder,
-        encoder_out,
-        encoder_lengths,
-        beam_size=beam_size,
-        length_penalty=length_penalty,
-        ctc_log_probs=ctc_log_probs,
-        ctc_weight=ctc_weight,
-        max_len=max_len,
-        ctc_mode=ctc_mode,
-        max_len_ratio=max_len_ratio,
-    )
+    nbest = attention_beam_nbest(decoder, encoder_out, encoder_lengths, **options)
     return [hyps[0] for hyps in nbest]
 
 

@@ -41,10 +41,11 @@ from torch import nn
 
 from asrkd.data.dataset import ManifestDataset, duration_batches, utterance_key
 from asrkd.data.tokenizer import BLANK_ID
-from asrkd.errors import ConfigError, UserError
+from asrkd.errors import UserError
 from asrkd.losses.kd.common import (
+    SoftenedKD,
+    check_blank_weight,
     check_kd_compatibility,
-    check_reduction,
     check_temperature,
     kl_from_log_probs,
     reduce_losses,
@@ -265,7 +266,7 @@ class TeacherCache:
         return values, indices, lengths
 
 
-class CachedCTCFrameKD(nn.Module):
+class CachedCTCFrameKD(SoftenedKD):
     """:class:`~asrkd.losses.kd.CTCFrameKD` with the teacher given as top-k log-probs.
 
     Teacher distribution per frame: ``p = softmax(values / tau)`` over its k kept tokens
@@ -289,12 +290,8 @@ class CachedCTCFrameKD(nn.Module):
     def __init__(
         self, temperature: float = 2.0, blank_weight: float = 1.0, reduction: str = "utterance"
     ) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.reduction = check_reduction(reduction)
-        if blank_weight < 0:
-            raise ConfigError(f"blank_weight must be >= 0, got {blank_weight}")
-        self.blank_weight = float(blank_weight)
+        super().__init__(temperature, reduction)
+        self.blank_weight = check_blank_weight(blank_weight)
 
     def forward(
         self,

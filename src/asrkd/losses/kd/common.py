@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 
 from asrkd.errors import ConfigError, UserError
 
@@ -109,6 +110,22 @@ def check_temperature(temperature: float) -> float:
     if not temperature > 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
     return float(temperature)
+
+
+def check_blank_weight(blank_weight: float) -> float:
+    if blank_weight < 0:
+        raise ConfigError(f"blank_weight must be >= 0, got {blank_weight}")
+    return float(blank_weight)
+
+
+class SoftenedKD(nn.Module):
+    """Base of the KD losses between softened distributions: a checked temperature tau > 0
+    and a checked reduction (see :data:`REDUCTIONS`)."""
+
+    def __init__(self, temperature: float, reduction: str) -> None:
+        super().__init__()
+        self.temperature = check_temperature(temperature)
+        self.reduction = check_reduction(reduction)
 
 
 def check_same_shape(student: torch.Tensor, teacher: torch.Tensor, what: str) -> None:

@@ -6,14 +6,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from asrkd.data.tokenizer import BLANK_ID
-from asrkd.errors import ConfigError
 from asrkd.losses.kd.common import (
-    check_reduction,
+    SoftenedKD,
+    check_blank_weight,
     check_same_shape,
-    check_temperature,
     reduce_losses,
     softened_kl,
     upcast_half,
@@ -24,7 +22,7 @@ if TYPE_CHECKING:
     from asrkd.models.e2e_asr import E2EASR, ASROutput
     from asrkd.training.distillation import KDConfig
 
-class CTCFrameKD(nn.Module):
+class CTCFrameKD(SoftenedKD):
     """Frame-level KL between teacher and student CTC posteriors (Hinton-style).
 
     loss = tau^2 * sum_{valid frames f} w_f * KL(p_T(f) || q_S(f)) / sum_f w_f, where p_T and
@@ -55,12 +53,8 @@ class CTCFrameKD(nn.Module):
         blank_threshold: float | None = None,
         reduction: str = "utterance",
     ) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.reduction = check_reduction(reduction)
-        if blank_weight < 0:
-            raise ConfigError(f"blank_weight must be >= 0, got {blank_weight}")
-        self.blank_weight = float(blank_weight)
+        super().__init__(temperature, reduction)
+        self.blank_weight = check_blank_weight(blank_weight)
         self.blank_threshold = None if blank_threshold is None else float(blank_threshold)
 
     def frame_weights(self, teacher_logits: torch.Tensor) -> torch.Tensor | None:

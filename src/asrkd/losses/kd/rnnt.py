@@ -7,15 +7,13 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from asrkd.data.tokenizer import BLANK_ID
 from asrkd.errors import ConfigError
 from asrkd.losses.kd.common import (
-    check_reduction,
+    SoftenedKD,
     check_same_shape,
-    check_temperature,
     kl_from_log_probs,
     upcast_half,
     weighted_mean,
@@ -169,7 +167,7 @@ def rnnt_occupancy(
     return torch.where(valid, gamma, torch.zeros_like(gamma)).to(log_blank.dtype)
 
 
-class RNNTKD(nn.Module):
+class RNNTKD(SoftenedKD):
     """Collapsed-distribution RNN-T KD (Panchapagesan et al., 2021).
 
     At every valid lattice node (t, u) -- t < T_b, u <= U_b -- the teacher and student joint
@@ -212,9 +210,7 @@ class RNNTKD(nn.Module):
         checkpoint_chunks: bool = True,
         reduction: str = "utterance",
     ) -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.reduction = check_reduction(reduction)
+        super().__init__(temperature, reduction)
         if chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
         if weighting not in ("uniform", "occupancy"):

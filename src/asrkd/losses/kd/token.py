@@ -6,12 +6,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
 from asrkd.losses.kd.common import (
-    check_reduction,
+    SoftenedKD,
     check_same_shape,
-    check_temperature,
     reduce_losses,
     softened_kl,
 )
@@ -22,7 +20,7 @@ if TYPE_CHECKING:
     from asrkd.models.e2e_asr import E2EASR, ASROutput
     from asrkd.training.distillation import KDConfig
 
-class TokenKD(nn.Module):
+class TokenKD(SoftenedKD):
     """Token-level KL of an attention decoder under teacher forcing.
 
     Both decoders are fed the same prefix ``<bos> y_1 .. y_U``; at each of the ``U_b + 1``
@@ -37,9 +35,7 @@ class TokenKD(nn.Module):
     """
 
     def __init__(self, temperature: float = 1.0, reduction: str = "utterance") -> None:
-        super().__init__()
-        self.temperature = check_temperature(temperature)
-        self.reduction = check_reduction(reduction)
+        super().__init__(temperature, reduction)
 
     requires = "attention decoders"
 
