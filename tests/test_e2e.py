@@ -163,6 +163,10 @@ def overfit(decoder: str, corpus: Path, steps: int) -> tuple[float, E2EASR, list
         encoder=replace(tiny_config().encoder, d_model=96, n_layers=3, n_heads=4,
                         subsampling="none", subsampling_factor=1),
         spec_augment=SpecAugmentConfig(freq_masks=0, time_masks=0),
+        # This memorising full-context transducer emits up to 30 labels at one frame (all of an
+        # utterance in its first ~10 frames); the default cap of 5 per frame would measure the
+        # truncation of greedy decoding (CER 0.02-0.07, by CPU), not what it learnt.
+        rnnt=replace(tiny_config().rnnt, max_symbols_per_frame=30),
     )
     model = build_model(config, tokenizer)
     dataset = ManifestDataset(corpus / "train.jsonl", tokenizer)
@@ -194,7 +198,7 @@ def overfit(decoder: str, corpus: Path, steps: int) -> tuple[float, E2EASR, list
 @pytest.mark.slow
 @pytest.mark.parametrize("decoder", ["none", "transformer", "rnnt"])
 def test_learning_is_real(decoder, tiny_corpus):
-    steps = {"none": 200, "transformer": 250, "rnnt": 350}[decoder]
+    steps = {"none": 200, "transformer": 250, "rnnt": 300}[decoder]
     cer = overfit(decoder, tiny_corpus, steps=steps)[0]
     assert cer < 0.05, f"{decoder}: CER {cer:.3f} on its 20 training utterances"
 
