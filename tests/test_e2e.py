@@ -199,8 +199,22 @@ def overfit(decoder: str, corpus: Path, steps: int) -> tuple[float, E2EASR, list
 @pytest.mark.parametrize("decoder", ["none", "transformer", "rnnt"])
 def test_learning_is_real(decoder, tiny_corpus):
     steps = {"none": 200, "transformer": 250, "rnnt": 300}[decoder]
-    cer = overfit(decoder, tiny_corpus, steps=steps)[0]
+    cer, model, batches = overfit(decoder, tiny_corpus, steps=steps)
     assert cer < 0.05, f"{decoder}: CER {cer:.3f} on its 20 training utterances"
+    if decoder == "rnnt":
+        # A trained transducer (bursts of up to 30 labels at one frame): the label-looping
+        # greedy search gives the frame-by-frame search's hypotheses, with and without the cap.
+        from asrkd.decoding.rnnt import rnnt_greedy
+        from test_rnnt import assert_same_hypotheses, frame_looping_greedy
+
+        with torch.no_grad():
+            for batch in batches:
+                encoded = model.encode(batch["audio"], batch["audio_lengths"])
+                for limit in (5, 30):
+                    assert_same_hypotheses(
+                        rnnt_greedy(model.decoder, encoded.output, encoded.lengths, limit),
+                        frame_looping_greedy(model.decoder, encoded.output, encoded.lengths, limit),
+                    )
 
 
 ARRANGEMENTS = {

@@ -379,6 +379,81 @@ def test_forward_shapes() -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
+@torch.no_grad()
+def frame_looping_greedy(
+    transducer: RNNTransducer, encoder_out: torch.Tensor, encoder_lengths: torch.Tensor,
+    limit: int,
+) -> list[Hypothesis]:
+    """The frame-by-frame greedy search that the label-looping ``rnnt_greedy`` replaced: the
+    reference its hypotheses, timestamps and scores must equal."""
+    batch, frames, _ = encoder_out.shape
+    device = encoder_out.device
+    lengths = encoder_lengths.to(device)
+    enc_proj = transducer.joint.encoder_proj(encoder_out)  # (B, T, J)
+
+    last = torch.full((batch,), transducer.blank_id, dtype=torch.long, device=device)
+    pred_out, state = transducer.prediction.step(last)
+    pred_proj = transducer.joint.pred_proj(pred_out)  # (B, J)
+    scores = torch.zeros(batch, dtype=torch.float64, device=device)
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    stamps: list[list[int]] = [[] for _ in range(batch)]
+
+    for t in range(frames):
+        done = lengths <= t  # finished utterances take no part in this frame
+        emitted = torch.zeros(batch, dtype=torch.long, device=device)
+        while not bool(done.all()):
+            log_probs = transducer.joint.combine(enc_proj[:, t], pred_proj).log_softmax(-1).double()
+            best = log_probs.argmax(dim=-1)
+            emit = ~done & (best != transducer.blank_id) & (emitted < limit)
+            leave = ~done & ~emit
+            # Leaving a frame is taking its blank (forced when the cap is hit).
+            scores += torch.where(leave, log_probs[:, transducer.blank_id], 0.0)
+            done = done | leave
+            if not bool(emit.any()):
+                break
+            idx = emit.nonzero().squeeze(1)
+            labels = best[idx]
+            scores[idx] += log_probs[idx, labels]
+            emitted[idx] += 1
+            for b, label in zip(idx.tolist(), labels.tolist(), strict=True):
+                tokens[b].append(label)
+                stamps[b].append(t)
+            # Step the prediction network for the emitting utterances only.
+            sub_state = (state[0][:, idx], state[1][:, idx])
+            new_out, (h, c) = transducer.prediction.step(labels, sub_state)
+            state[0][:, idx] = h
+            state[1][:, idx] = c
+            pred_proj[idx] = transducer.joint.pred_proj(new_out)
+
+    return [
+        Hypothesis(tokens=tokens[b], score=float(scores[b]), timestamps=stamps[b])
+        for b in range(batch)
+    ]
+
+
+def assert_same_hypotheses(got: list[Hypothesis], want: list[Hypothesis]) -> None:
+    assert len(got) == len(want)
+    for g, w in zip(got, want, strict=True):
+        assert g.tokens == w.tokens and g.timestamps == w.timestamps
+        assert abs(g.score - w.score) < 1e-4 * max(1.0, abs(w.score))
+
+
+@pytest.mark.parametrize("window", [1, 3, 32])
+@pytest.mark.parametrize("blank_bias", [-3.0, 0.0, 2.5])
+def test_label_looping_greedy_equals_frame_by_frame(blank_bias: float, window: int) -> None:
+    model = _tiny_model(seed=6, blank_bias=blank_bias)
+    torch.manual_seed(13)
+    lengths = torch.tensor([17, 3, 11, 1, 17, 8])
+    enc = torch.randn(6, 17, 12)
+    enc[1, 3:] = 100.0  # padding content must not matter
+    for limit in (1, 3, 8):
+        want = frame_looping_greedy(model, enc, lengths, limit)
+        got = rnnt_greedy(model, enc, lengths, max_symbols_per_frame=limit, window=window)
+        assert_same_hypotheses(got, want)
+    with pytest.raises(ValueError, match="window"):
+        rnnt_greedy(model, enc, lengths, window=0)
+
+
 @pytest.mark.parametrize("blank_bias", [0.0, 2.5])
 def test_greedy_and_beam_hypotheses(blank_bias: float) -> None:
     model = _tiny_model(seed=1, blank_bias=blank_bias)
@@ -481,3 +556,21 @@ def test_tiny_model_overfits_one_sequence() -> None:
 if __name__ == "__main__":
     for n_threads in (1, 2):
         print(f"threads={n_threads}", compare_rnnt_ctc_speed(threads=n_threads))
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_prediction_step_equals_the_lstm_module(layers: int) -> None:
+    # Decoding steps the LSTM cell written out; it must be nn.LSTM's step and forward.
+    torch.manual_seed(7)
+    config = RNNTConfig(vocab_size=10, encoder_dim=12, pred_dim=16, joint_dim=16,
+                        pred_layers=layers, dropout=0.1)
+    prediction = RNNTransducer(config).prediction.eval()
+    tokens = torch.tensor([[3, 5, 9, 1], [2, 2, 7, 4]])
+    full = prediction(tokens)  # (B, U+1, pred_dim) through nn.LSTM
+    out, state = prediction.step(torch.zeros(2, dtype=torch.long))
+    steps = [out]
+    for u in range(tokens.size(1)):
+        out, state = prediction.step(tokens[:, u], state)
+        steps.append(out)
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-6, rtol=1e-5)
+    assert state[0].shape == state[1].shape == (layers, 2, 16)

@@ -10,7 +10,7 @@ returns one :class:`~asrkd.models.common.Hypothesis` per utterance (as whisper's
 ``attention_greedy``   :class:`AttentionGreedy`
 ``attention_beam``     :class:`AttentionBeam` - joint CTC/attention scoring when the
                        model has a CTC head
-``rnnt_greedy``        :class:`RNNTGreedy`
+``rnnt_greedy``        :class:`RNNTGreedy` - label-looping, batched
 ``rnnt_beam``          :class:`RNNTBeam` - time-synchronous, prefix merging
 =====================  ==========================================================
 

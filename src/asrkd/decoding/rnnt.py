@@ -1,5 +1,5 @@
-"""RNN-T search: batched greedy decoding and time-synchronous beam search with prefix
-merging over a :class:`~asrkd.models.rnnt.RNNTransducer`."""
+"""RNN-T search over a :class:`~asrkd.models.rnnt.RNNTransducer`: batched label-looping greedy
+decoding and time-synchronous beam search with prefix merging."""
 
 from __future__ import annotations
 
@@ -42,63 +42,88 @@ def rnnt_greedy(
     encoder_out: Tensor,
     encoder_lengths: Tensor,
     max_symbols_per_frame: int | None = None,
+    window: int = 16,
 ) -> list[Hypothesis]:
     """Batched greedy decoding: at every frame emit the arg-max label until blank wins.
 
     A frame is left after blank or after ``max_symbols_per_frame`` labels; in the latter
     case the blank log-prob of that frame is still added, so ``score`` is always the
-    log-probability of a complete alignment path. Only utterances that emitted a label
-    advance the prediction network; frames past each utterance's length are skipped, so
-    the result of an utterance does not depend on the rest of the batch. Call ``eval()``
-    first for deterministic output.
+    log-probability of a complete alignment path.
+
+    The search loops over labels, not frames (the label-looping idea of NeMo's batched
+    greedy decoder): while an utterance emits nothing its prediction output does not change,
+    so the joint is evaluated for its next ``window`` frames at once and the utterance jumps
+    to the first frame where a label wins (adding the blank log-probs of the frames it
+    skips). Each pass of the loop costs one joint evaluation over ``(B, window)`` and one
+    prediction-network step, so a batch takes about
+    ``U_max + T / window`` passes instead of ``T + U_max``. Hypotheses are those of the
+    frame-by-frame search.
 
     Args:
         encoder_out: (B, T, D) encoder states.
         encoder_lengths: (B,) valid frames.
         max_symbols_per_frame: label cap per frame; defaults to the config's.
+        window: frames looked ahead per pass (memory ``B * window * V``).
 
     Returns:
         B hypotheses with token ids (never blank), path log-prob and emission frames.
     """
     limit = _max_symbols(transducer, max_symbols_per_frame)
+    if window < 1:
+        raise ConfigError("window must be >= 1")
     batch, frames, _ = encoder_out.shape
     device = encoder_out.device
-    lengths = encoder_lengths.to(device)
+    blank = transducer.blank_id
+    lengths = encoder_lengths.to(device).long()
     enc_proj = transducer.joint.encoder_proj(encoder_out)  # (B, T, J)
 
-    last = torch.full((batch,), transducer.blank_id, dtype=torch.long, device=device)
+    last = torch.full((batch,), blank, dtype=torch.long, device=device)
     pred_out, state = transducer.prediction.step(last)
     pred_proj = transducer.joint.pred_proj(pred_out)  # (B, J)
     scores = torch.zeros(batch, dtype=torch.float64, device=device)
     tokens: list[list[int]] = [[] for _ in range(batch)]
     stamps: list[list[int]] = [[] for _ in range(batch)]
+    frame = torch.zeros(batch, dtype=torch.long, device=device)  # current frame per utterance
+    emitted = torch.zeros(batch, dtype=torch.long, device=device)  # labels emitted at it
+    offsets = torch.arange(window, device=device)
+    rows = torch.arange(batch, device=device)
+    gather_index = torch.empty(batch, window, enc_proj.size(-1), dtype=torch.long, device=device)
 
-    for t in range(frames):
-        done = lengths <= t  # finished utterances take no part in this frame
-        emitted = torch.zeros(batch, dtype=torch.long, device=device)
-        while not bool(done.all()):
-            log_probs = transducer.joint.combine(enc_proj[:, t], pred_proj).log_softmax(-1).double()
-            best = log_probs.argmax(dim=-1)
-            emit = ~done & (best != transducer.blank_id) & (emitted < limit)
-            leave = ~done & ~emit
-            # Leaving a frame is taking its blank (forced when the cap is hit).
-            scores += torch.where(leave, log_probs[:, transducer.blank_id], 0.0)
-            done = done | leave
-            if not bool(emit.any()):
-                break
-            idx = emit.nonzero().squeeze(1)
-            labels = best[idx]
-            scores[idx] += log_probs[idx, labels]
-            emitted[idx] += 1
-            for b, label in zip(idx.tolist(), labels.tolist(), strict=True):
-                tokens[b].append(label)
-                stamps[b].append(t)
-            # Step the prediction network for the emitting utterances only.
-            sub_state = (state[0][:, idx], state[1][:, idx])
-            new_out, (h, c) = transducer.prediction.step(labels, sub_state)
-            state[0][:, idx] = h
-            state[1][:, idx] = c
-            pred_proj[idx] = transducer.joint.pred_proj(new_out)
+    # Every pass works on the whole batch: an utterance past its last frame has no valid
+    # frame in its window, so it neither jumps nor emits (cheaper than indexing subsets).
+    while bool((frame < lengths).any()):
+        ahead = frame.unsqueeze(1) + offsets  # (B, W) frames looked at
+        valid = ahead < lengths.unsqueeze(1)
+        gather_index.copy_(ahead.clamp(max=frames - 1).unsqueeze(2).expand_as(gather_index))
+        log_probs = transducer.joint.combine(
+            enc_proj.gather(1, gather_index), pred_proj.unsqueeze(1)
+        ).log_softmax(-1)  # (B, W, V)
+        best = log_probs.argmax(-1)
+        wins = (best != blank) & valid
+        wins[:, 0] &= emitted < limit  # at the cap the current frame takes its blank
+        found = wins.any(1)
+        # First frame where a label wins, or past the valid frames of the window.
+        jump = torch.where(found, wins.int().argmax(1), valid.sum(1))
+        skipped = offsets.unsqueeze(0) < jump.unsqueeze(1)
+        scores += (log_probs[..., blank].double() * skipped).sum(1)
+        frame += jump
+        emitted.masked_fill_(jump > 0, 0)
+        if not bool(found.any()):
+            continue
+        at = jump.clamp(max=window - 1)  # rows that found nothing read a discarded value
+        labels = best[rows, at]
+        scores += torch.where(found, log_probs[rows, at, labels].double(), 0.0)
+        emitted += found
+        label_list, frame_list = labels.tolist(), frame.tolist()
+        for b in found.nonzero().squeeze(1).tolist():
+            tokens[b].append(label_list[b])
+            stamps[b].append(frame_list[b])
+        # One prediction-network step for the batch; only the emitting rows take it.
+        new_out, (h, c) = transducer.prediction.step(labels, state)
+        keep = found.view(1, -1, 1)
+        state = (torch.where(keep, h, state[0]), torch.where(keep, c, state[1]))
+        pred_proj = torch.where(found.unsqueeze(1), transducer.joint.pred_proj(new_out),
+                                pred_proj)
 
     return [
         Hypothesis(tokens=tokens[b], score=float(scores[b]), timestamps=stamps[b])

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from asrkd.errors import ConfigError
@@ -93,8 +94,27 @@ class PredictionNetwork(nn.Module):
         Returns:
             (N, pred_dim) output and the new state.
         """
-        out, new_state = self.lstm(self.dropout(self.embed(tokens.unsqueeze(1))), state)
-        return self.dropout(out.squeeze(1)), new_state
+        x = self.dropout(self.embed(tokens))
+        if self.training:  # the LSTM module applies its dropout between layers
+            out, new_state = self.lstm(x.unsqueeze(1), state)
+            return self.dropout(out.squeeze(1)), new_state
+        # Decoding: the LSTM cell written out. One step of nn.LSTM costs ~180 us of setup on
+        # a CPU (mkldnn), several times these few small ops, and search takes a step per label.
+        if state is None:
+            zeros = x.new_zeros(self.lstm.num_layers, x.size(0), self.lstm.hidden_size)
+            state = (zeros, zeros)
+        hs, cs = [], []
+        for layer in range(self.lstm.num_layers):
+            gates = F.linear(x, getattr(self.lstm, f"weight_ih_l{layer}"),
+                             getattr(self.lstm, f"bias_ih_l{layer}")) + F.linear(
+                state[0][layer], getattr(self.lstm, f"weight_hh_l{layer}"),
+                getattr(self.lstm, f"bias_hh_l{layer}"))
+            i, f, g, o = gates.chunk(4, dim=-1)  # nn.LSTM's gate order
+            c = torch.sigmoid(f) * state[1][layer] + torch.sigmoid(i) * torch.tanh(g)
+            x = torch.sigmoid(o) * torch.tanh(c)
+            hs.append(x)
+            cs.append(c)
+        return self.dropout(x), (torch.stack(hs), torch.stack(cs))
 
 
 class JointNetwork(nn.Module):
