@@ -7,8 +7,8 @@
   but onnxruntime and the tokenizer. Batch and time axes are dynamic (the dynamo exporter).
 * for an RNN-T model, also ``student.encoder.onnx`` (waveform -> encoder states),
   ``student.predictor.onnx`` (one prediction-network step: label + LSTM state -> output + new
-  state) and ``student.joint.onnx`` (one encoder frame + prediction output -> log-probs); a
-  greedy decoder loops over them (:class:`OnnxASR`).
+  state) and ``student.joint.onnx`` (N encoder frames + N prediction outputs -> log-probs);
+  :class:`OnnxASR` runs the same label-looping greedy search over them as the torch model.
 * ``student.onnx.json``: the tokenizer and how the graphs fit together.
 
 ``--int8`` quantises the weights of MatMul/Gemm to int8 (onnxruntime dynamic quantization:
@@ -246,11 +246,15 @@ class OnnxASR:
             results.append(ids[keep].tolist())
         return results
 
-    def _rnnt_greedy(self, audio: np.ndarray, lengths: np.ndarray) -> list[list[int]]:
+    def _rnnt_greedy(self, audio: np.ndarray, lengths: np.ndarray,
+                     window: int = 16) -> list[list[int]]:
+        """The label-looping greedy search of :func:`asrkd.decoding.rnnt.rnnt_greedy`: one joint
+        run over the next ``window`` frames, then a jump to the first frame where a label wins."""
         encoder_out, frames = self.sessions["encoder"].run(
             None, {"audio": audio.astype(np.float32), "audio_lengths": lengths.astype(np.int64)}
         )
         config = self.description["rnnt"]
+        limit = config["max_symbols_per_frame"]
         blank = self.description["blank_id"]
         predictor, joint = self.sessions["predictor"], self.sessions["joint"]
         results = []
@@ -259,16 +263,23 @@ class OnnxASR:
             c = np.zeros_like(h)
             pred, h, c = predictor.run(None, {"tokens": np.array([blank]), "h": h, "c": c})
             tokens: list[int] = []
-            for t in range(int(frames[b])):
-                frame = encoder_out[b, t][None]
-                for _ in range(config["max_symbols_per_frame"]):
-                    label = int(joint.run(None, {"encoder_frame": frame,
-                                                 "pred_out": pred})[0][0].argmax())
-                    if label == blank:
-                        break
-                    tokens.append(label)
-                    pred, h, c = predictor.run(None, {"tokens": np.array([label]), "h": h,
-                                                      "c": c})
+            t, emitted, n = 0, 0, int(frames[b])
+            while t < n:
+                ahead = encoder_out[b, t : t + window][: n - t]
+                best = joint.run(None, {"encoder_frame": ahead,
+                                        "pred_out": np.repeat(pred, len(ahead), 0)})[0].argmax(-1)
+                wins = best != blank
+                wins[0] &= emitted < limit  # at the cap the current frame takes its blank
+                if not wins.any():
+                    t, emitted = t + len(ahead), 0
+                    continue
+                jump = int(wins.argmax())
+                if jump:
+                    t, emitted = t + jump, 0
+                tokens.append(int(best[jump]))
+                emitted += 1
+                pred, h, c = predictor.run(None, {"tokens": np.array([tokens[-1]]), "h": h,
+                                                  "c": c})
             results.append(tokens)
         return results
 
