@@ -107,8 +107,11 @@ def test_export_and_infer_from_the_command_line(tmp_path, ljspeech_dir, capsys):
     assert "ctc: " in capsys.readouterr().out
     wav = ljspeech_dir / read_jsonl(ljspeech_dir / "manifest.jsonl")[0]["audio_filepath"]
     assert main(["infer", "--ckpt", str(tmp_path / "m.ckpt"), str(wav)]) == 0
-    from_torch = capsys.readouterr().out
+    from_torch = capsys.readouterr()
+    assert "decoding: ctc_greedy" in from_torch.err  # the user is told which search ran
     assert main(["infer", "--onnx", str(tmp_path / "m.onnx"), str(wav)]) == 0
-    assert capsys.readouterr().out == from_torch
+    from_onnx = capsys.readouterr()
+    assert from_onnx.out == from_torch.out
+    assert "decoding: ctc_greedy (ONNX graphs: ctc)" in from_onnx.err
     assert main(["infer", "--onnx", str(tmp_path / "none.onnx"), str(wav)]) == 2
     assert "none.onnx.json not found" in capsys.readouterr().err

@@ -182,9 +182,14 @@ def cmd_infer(args: argparse.Namespace) -> None:
             raise UserError("--lm works with --ckpt models (the ONNX runner decodes greedily)")
 
         onnx_model = OnnxASR(args.onnx, threads=args.threads)
+        method = args.method or onnx_model.default_method
+        # Exports hold the CTC head and the transducer only: a transformer model's --ckpt
+        # default (attention beam search) is not available here, so say which search runs.
+        print(f"decoding: {method} (ONNX graphs: {', '.join(onnx_model.sessions)})",
+              file=sys.stderr)
 
         def transcribe(audio):  # noqa: ANN001, ANN202
-            return onnx_model.infer(audio[None], np.array([len(audio)]), method=args.method)[0]
+            return onnx_model.infer(audio[None], np.array([len(audio)]), method=method)[0]
     else:
         model = load_checkpoint(args.ckpt)
         fusion = _fusion(args)
@@ -192,6 +197,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
         if fusion is not None:
             fusion.lm.check_tokenizer(model.tokenizer)
             method = method or "ctc_beam"
+        method = method or model.default_method()
+        print(f"decoding: {method}" + (" + LM" if fusion is not None else ""), file=sys.stderr)
 
         def transcribe(audio):  # noqa: ANN001, ANN202
             return model.infer(
