@@ -208,6 +208,18 @@ def test_an4_recipe_quick(tmp_path, an4_dir):
 
 
 @pytest.mark.slow
+def test_an4_recipe_quick_with_transducers(tmp_path, an4_dir):
+    # The shipped RNN-T presets, distilled with rnnt_kl + ctc_kl, scored by RNN-T greedy search.
+    metrics = _quick_recipe(tmp_path, "recipes/an4/run.py", an4_dir, "--decoder", "rnnt")
+    for name in ("teacher", "student", "student_kd"):
+        assert metrics[name]["decoding"] == "rnnt_greedy"
+    run = json.loads((tmp_path / "exp" / "student_kd" / "run_config.json").read_text())
+    assert run["training"]["kd"]["losses"] == ["rnnt_kl", "ctc_kl"]
+    assert run["model_preset"] == "student_cpu_rnnt"
+    assert "transducers" in (tmp_path / "report" / "report.md").read_text()
+
+
+@pytest.mark.slow
 def test_speechocean762_recipe_quick(tmp_path, speechocean_dir):
     _quick_recipe(tmp_path, "recipes/speechocean762/run.py", speechocean_dir)
     manifests = tmp_path / "exp" / "manifests"

@@ -10,7 +10,11 @@ Text: the manifests' transcripts, lowercase, as distributed (no ``<s>`` markers)
 letters are single-letter words ("p i t t s b u r g h"), so WER counts each letter, as in the
 published AN4 results; the recogniser's character vocabulary covers every transcript.
 
-Usage: python recipes/an4/run.py [--quick] [--shared ../shared/data/an4]
+Usage: python recipes/an4/run.py [--quick] [--shared ../shared/data/an4] [--decoder rnnt]
+
+``--decoder rnnt`` runs the same three stages with transducers (presets ``teacher_rnnt``,
+``student_rnnt``, ``student_kd_rnnt``: RNN-T + CTC, KD with ``rnnt_kl`` + ``ctc_kl``), scores
+them with RNN-T greedy search and writes reports/an4_rnnt.
 """
 
 from __future__ import annotations
@@ -43,6 +47,9 @@ QUICK = RecipePlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
                  val_every_steps=2, warmup_steps=1, lm_order=3, lm_weights=(0.0, 0.5),
                  lm_bonuses=(0.0, 1.0))
 
+RNNT_CONFIGS = {"teacher": "teacher_rnnt", "student": "student_rnnt",
+                "student_kd": "student_kd_rnnt"}
+
 PUBLISHED = [
     "## Published results on the AN4 test set",
     "",
@@ -62,11 +69,18 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=ROOT.parent / "shared" / "data" / "an4")
     parser.add_argument("--quick", action="store_true", help="tiny run (CI)")
-    parser.add_argument("--out", type=Path, default=ROOT / "reports" / "an4")
-    parser.add_argument("--exp", type=Path, default=ROOT / "exp" / "an4")
-    parser.add_argument("--decoding", default=FULL.decoding,
-                        help="test decoding for all three models (default: %(default)s)")
+    parser.add_argument("--decoder", choices=("transformer", "rnnt"), default="transformer",
+                        help="the models' decoder (default: %(default)s, with CTC)")
+    parser.add_argument("--out", type=Path, help="default: reports/an4 (an4_rnnt for rnnt)")
+    parser.add_argument("--exp", type=Path, help="default: exp/an4 (an4_rnnt for rnnt)")
+    parser.add_argument("--decoding", help="test decoding for all three models "
+                        f"(default: {FULL.decoding}; rnnt_greedy for rnnt)")
     args = parser.parse_args()
+    rnnt = args.decoder == "rnnt"
+    name = "an4_rnnt" if rnnt else "an4"
+    args.out = args.out or ROOT / "reports" / name
+    args.exp = args.exp or ROOT / "exp" / name
+    decoding = args.decoding or ("rnnt_greedy" if rnnt else FULL.decoding)
     if not (args.shared / "manifest_train.jsonl").is_file():
         raise SystemExit(f"AN4 not found at {args.shared} (pass --shared PATH)")
     corpus = args.exp / "manifests"
@@ -75,10 +89,11 @@ def main() -> None:
         report_dir=args.out,
         corpus_dir=corpus,
         exp_dir=args.exp,
-        plan=replace(QUICK if args.quick else FULL, decoding=args.decoding),
+        plan=replace(QUICK if args.quick else FULL, decoding=decoding),
         overrides=OVERRIDES,
         corpus_summary=stats["summary"],
-        title="asrkd on real speech: CMU AN4",
+        title="asrkd on real speech: CMU AN4" + (", transducers" if rnnt else ""),
+        configs=RNNT_CONFIGS if rnnt else None,
         notes=PUBLISHED,
     )
 
