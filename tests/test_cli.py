@@ -213,10 +213,12 @@ def test_an4_recipe_quick_with_transducers(tmp_path, an4_dir):
     metrics = _quick_recipe(tmp_path, "recipes/an4/run.py", an4_dir, "--decoder", "rnnt")
     for name in ("teacher", "student", "student_kd"):
         assert metrics[name]["decoding"] == "rnnt_greedy"
+        assert set(metrics[name]["decodings"]) == {"rnnt_beam", "ctc_greedy"}
     run = json.loads((tmp_path / "exp" / "student_kd" / "run_config.json").read_text())
     assert run["training"]["kd"]["losses"] == ["rnnt_kl", "ctc_kl"]
     assert run["model_preset"] == "student_cpu_rnnt"
-    assert "transducers" in (tmp_path / "report" / "report.md").read_text()
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "transducers" in report and "| student_kd | rnnt_beam |" in report
 
 
 @pytest.mark.slow

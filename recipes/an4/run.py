@@ -14,7 +14,8 @@ Usage: python recipes/an4/run.py [--quick] [--shared ../shared/data/an4] [--deco
 
 ``--decoder rnnt`` runs the same three stages with transducers (presets ``teacher_rnnt``,
 ``student_rnnt``, ``student_kd_rnnt``: RNN-T + CTC, KD with ``rnnt_kl`` + ``ctc_kl``), scores
-them with RNN-T greedy search and writes reports/an4_rnnt.
+them with RNN-T greedy search (and RNN-T beam search and CTC greedy of the same checkpoints)
+and writes reports/an4_rnnt.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def main() -> None:
         report_dir=args.out,
         corpus_dir=corpus,
         exp_dir=args.exp,
-        plan=replace(QUICK if args.quick else FULL, decoding=decoding),
+        plan=replace(QUICK if args.quick else FULL, decoding=decoding,
+                     extra_decodings=("rnnt_beam", "ctc_greedy") if rnnt else ()),
         overrides=OVERRIDES,
         corpus_summary=stats["summary"],
         title="asrkd on real speech: CMU AN4" + (", transducers" if rnnt else ""),

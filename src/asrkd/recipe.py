@@ -46,6 +46,8 @@ class RecipePlan:
     warmup_steps: int = 100
     regularization_warmup: float = 0.4
     decoding: str = "ctc_greedy"  # test decoding, the same method for all three models
+    # More searches scored on the test split for all three models (a table of their own).
+    extra_decodings: tuple[str, ...] = ()
     # Distil from stored teacher CTC posteriors (``asrkd cache-teacher``, run once over the
     # training set) instead of running the teacher on every KD step: frame-level CTC KD only,
     # and only without speed perturbation (the cache holds the unperturbed audio's frames).
@@ -146,22 +148,34 @@ def _evaluations_current(exp: Path, report_dir: Path, method: str = "ctc_greedy"
 
 
 def _evaluate_stage(name: str, corpus: Path, exp: Path, report_dir: Path, reuse: bool,
-                    method: str = "ctc_greedy") -> dict:
-    out = report_dir / f"{name}_test.json"
+                    method: str = "ctc_greedy", tag: str = "test") -> dict:
+    """Score ``name`` on the test split with ``method``; ``reuse``: read the stored result."""
+    out = report_dir / f"{name}_{tag}.json"
     checkpoint = exp / name / "model.ckpt"
     if reuse:
         return json.loads(out.read_text())
-    console.print(f"evaluating {name} on {corpus / 'test.jsonl'}")
+    console.print(f"evaluating {name} on {corpus / 'test.jsonl'} ({method})")
     metrics = evaluate(
         checkpoint,
         corpus / "test.jsonl",
         method=method,
-        out_jsonl=report_dir / f"{name}_test_utterances.jsonl",
+        out_jsonl=report_dir / f"{name}_{tag}_utterances.jsonl",
         threads=2,
         timing_repeats=3,
     )
     out.write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def _extra_decoding(name: str, method: str, corpus: Path, exp: Path, report_dir: Path) -> dict:
+    """One of ``RecipePlan.extra_decodings``, stored per model and reused while it is newer
+    than the checkpoint."""
+    tag = f"test_{method}"
+    out = report_dir / f"{name}_{tag}.json"
+    fresh = (out.is_file() and json.loads(out.read_text()).get("method") == method
+             and out.stat().st_mtime > (exp / name / "model.ckpt").stat().st_mtime)
+    evaluation = _evaluate_stage(name, corpus, exp, report_dir, fresh, method, tag)
+    return {key: evaluation[key] for key in ("wer", "cer", "rtfx")}
 
 
 def _lm_stage(name: str, plan: RecipePlan, corpus: Path, exp: Path, report_dir: Path,
@@ -303,6 +317,14 @@ def _report(report_dir: Path, metrics: dict, corpus_summary: str, plots: list[st
         ]
     lines += ["", "## Targets", "", "| target | met | measured |", "|---|---|---|"]
     lines += [f"| {what} | {'yes' if ok else 'no'} | {value} |" for what, ok, value in checks]
+    if all(metrics[name].get("decodings") for name in MODELS):
+        lines += ["", "## Other decodings of the same checkpoints", "",
+                  "| model | decoding | WER % | CER % | RTFx |", "|---|---|---:|---:|---:|"]
+        lines += [
+            f"| {name} | {method} | {100 * m['wer']:.2f} | {100 * m['cer']:.2f} | "
+            f"{m['rtfx']:.0f} |"
+            for name in MODELS for method, m in metrics[name]["decodings"].items()
+        ]
     if all(metrics[name].get("lm") for name in MODELS):
         order = teacher["lm"]["order"]
         lines += [
@@ -414,6 +436,11 @@ def run_recipe(
             "utterances": evaluation["utterances"],
             "decoding": evaluation["method"],
         }
+        if plan.extra_decodings:
+            metrics[name]["decodings"] = {
+                method: _extra_decoding(name, method, corpus_dir, exp_dir, report_dir)
+                for method in plan.extra_decodings
+            }
         if plan.lm_order:
             fused = _lm_stage(name, plan, corpus_dir, exp_dir, report_dir, reuse)
             metrics[name]["lm"] = {
