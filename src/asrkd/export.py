@@ -265,7 +265,7 @@ class OnnxASR:
             tokens: list[int] = []
             t, emitted, n = 0, 0, int(frames[b])
             while t < n:
-                ahead = encoder_out[b, t : t + window][: n - t]
+                ahead = encoder_out[b, t : min(t + window, n)]
                 best = joint.run(None, {"encoder_frame": ahead,
                                         "pred_out": np.repeat(pred, len(ahead), 0)})[0].argmax(-1)
                 wins = best != blank

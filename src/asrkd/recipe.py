@@ -132,13 +132,15 @@ def _teacher_cache(exp: Path, corpus: Path) -> tuple[Path, float]:
     return path, float(info["seconds"])
 
 
-def _evaluations_current(exp: Path, report_dir: Path, method: str = "ctc_greedy") -> bool:
-    """Whether every model's stored test result is newer than every checkpoint.
+def _evaluations_current(exp: Path, report_dir: Path, method: str = "ctc_greedy",
+                         tag: str = "test") -> bool:
+    """Whether every model's stored test result (``<model>_<tag>.json``, decoded with
+    ``method``) is newer than every checkpoint.
 
     The three RTFx are compared with each other, so they are measured in one invocation:
     one retrained model means all three are evaluated again (timings on a shared VM drift by
     20% between runs an hour apart)."""
-    outs = [report_dir / f"{name}_test.json" for name in MODELS]
+    outs = [report_dir / f"{name}_{tag}.json" for name in MODELS]
     if not all(out.is_file() for out in outs):
         return False
     if any(json.loads(out.read_text()).get("method") != method for out in outs):
@@ -165,17 +167,6 @@ def _evaluate_stage(name: str, corpus: Path, exp: Path, report_dir: Path, reuse:
     )
     out.write_text(json.dumps(metrics, indent=2))
     return metrics
-
-
-def _extra_decoding(name: str, method: str, corpus: Path, exp: Path, report_dir: Path) -> dict:
-    """One of ``RecipePlan.extra_decodings``, stored per model and reused while it is newer
-    than the checkpoint."""
-    tag = f"test_{method}"
-    out = report_dir / f"{name}_{tag}.json"
-    fresh = (out.is_file() and json.loads(out.read_text()).get("method") == method
-             and out.stat().st_mtime > (exp / name / "model.ckpt").stat().st_mtime)
-    evaluation = _evaluate_stage(name, corpus, exp, report_dir, fresh, method, tag)
-    return {key: evaluation[key] for key in ("wer", "cer", "rtfx")}
 
 
 def _lm_stage(name: str, plan: RecipePlan, corpus: Path, exp: Path, report_dir: Path,
@@ -416,6 +407,9 @@ def run_recipe(
     }
     metrics = {}
     reuse = _evaluations_current(exp_dir, report_dir, plan.decoding)
+    # Each extra decoding is stored as <model>_test_<method>.json and reused like the main one.
+    extra_reuse = {method: _evaluations_current(exp_dir, report_dir, method, f"test_{method}")
+                   for method in plan.extra_decodings}
     for name in MODELS:
         evaluation = _evaluate_stage(name, corpus_dir, exp_dir, report_dir, reuse,
                                      plan.decoding)
@@ -437,9 +431,12 @@ def run_recipe(
             "decoding": evaluation["method"],
         }
         if plan.extra_decodings:
+            decoded = {method: _evaluate_stage(name, corpus_dir, exp_dir, report_dir,
+                                               extra_reuse[method], method, f"test_{method}")
+                       for method in plan.extra_decodings}
             metrics[name]["decodings"] = {
-                method: _extra_decoding(name, method, corpus_dir, exp_dir, report_dir)
-                for method in plan.extra_decodings
+                method: {key: result[key] for key in ("wer", "cer", "rtfx")}
+                for method, result in decoded.items()
             }
         if plan.lm_order:
             fused = _lm_stage(name, plan, corpus_dir, exp_dir, report_dir, reuse)

@@ -48,7 +48,9 @@ def rnnt_greedy(
 
     A frame is left after blank or after ``max_symbols_per_frame`` labels; in the latter
     case the blank log-prob of that frame is still added, so ``score`` is always the
-    log-probability of a complete alignment path.
+    log-probability of a complete alignment path. Frames past each utterance's length are
+    skipped, so the result of an utterance does not depend on the rest of the batch. Call
+    ``eval()`` first for deterministic output.
 
     The search loops over labels, not frames (the label-looping idea of NeMo's batched
     greedy decoder): while an utterance emits nothing its prediction output does not change,
@@ -87,16 +89,15 @@ def rnnt_greedy(
     emitted = torch.zeros(batch, dtype=torch.long, device=device)  # labels emitted at it
     offsets = torch.arange(window, device=device)
     rows = torch.arange(batch, device=device)
-    gather_index = torch.empty(batch, window, enc_proj.size(-1), dtype=torch.long, device=device)
 
     # Every pass works on the whole batch: an utterance past its last frame has no valid
     # frame in its window, so it neither jumps nor emits (cheaper than indexing subsets).
     while bool((frame < lengths).any()):
         ahead = frame.unsqueeze(1) + offsets  # (B, W) frames looked at
         valid = ahead < lengths.unsqueeze(1)
-        gather_index.copy_(ahead.clamp(max=frames - 1).unsqueeze(2).expand_as(gather_index))
+        index = ahead.clamp(max=frames - 1).unsqueeze(2).expand(-1, -1, enc_proj.size(-1))
         log_probs = transducer.joint.combine(
-            enc_proj.gather(1, gather_index), pred_proj.unsqueeze(1)
+            enc_proj.gather(1, index), pred_proj.unsqueeze(1)
         ).log_softmax(-1)  # (B, W, V)
         best = log_probs.argmax(-1)
         wins = (best != blank) & valid
