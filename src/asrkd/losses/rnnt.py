@@ -45,50 +45,67 @@ _CHUNK_ELEMENTS_CPU = 1 << 18
 _CHUNK_ELEMENTS_ACCEL = 1 << 26
 
 
-def _lattice_forward(w_down: Tensor, w_right: Tensor) -> Tensor:
-    """Forward variables of a monotonic lattice with two move types.
-
-    alpha[0, 0] = 0 and
-    alpha[i, j] = logaddexp(alpha[i-1, j] + w_down[i-1, j], alpha[i, j-1] + w_right[i, j-1]).
-
-    Rows are processed one after another; inside a row the right-moves form a chain, so with
-    c[i, j] = sum_{l<j} w_right[i, l]:
-    alpha[i, j] = c[i, j] + logcumsumexp_k(alpha[i-1, k] + w_down[i-1, k] - c[i, k]).
-    We carry r[i] = alpha[i] - c[i] so that each row costs one add and one logcumsumexp.
+def _skew(x: Tensor, fill: float) -> Tensor:
+    """Lattice tensor in anti-diagonal layout: y[r, n, u] = x[r, n - u, u] (fill off the lattice).
 
     Args:
-        w_down: (B, N, M) log-weight of the move (i, j) -> (i+1, j); the last row is unused.
-        w_right: (B, N, M) log-weight of the move (i, j) -> (i, j+1); the last column is unused.
+        x: (R, T, U+1).
+        fill: value of the cells with n - u outside [0, T).
 
     Returns:
-        (B, N, M) forward variables, in the dtype of the inputs.
+        (R, T + U, U+1): row n holds the cells with t + u = n.
     """
-    batch, rows, _ = w_down.shape
-    c = torch.cumsum(w_right, dim=2)
-    c = torch.cat([c.new_zeros(batch, rows, 1), c[:, :, :-1]], dim=2)
-    # step[i] carries r[i] to the input of row i+1's logcumsumexp.
-    step = c[:, :-1] + w_down[:, :-1] - c[:, 1:]
-    r = [torch.zeros_like(c[:, 0])]
-    for i in range(1, rows):
-        r.append(torch.logcumsumexp(r[-1] + step[:, i - 1], dim=1))
-    return torch.stack(r, dim=1) + c
+    rows, frames, cols = x.shape
+    n = torch.arange(frames + cols - 1, device=x.device).view(-1, 1)
+    t = n - torch.arange(cols, device=x.device).view(1, -1)
+    inside = (t >= 0) & (t < frames)
+    y = x.gather(1, t.clamp(0, frames - 1).expand(rows, -1, -1))
+    return y.masked_fill(~inside, fill)
+
+
+def _unskew(y: Tensor, frames: int) -> Tensor:
+    """Inverse of :func:`_skew`: x[r, t, u] = y[r, t + u, u]; (R, T + U, U+1) -> (R, T, U+1)."""
+    rows, _, cols = y.shape
+    n = torch.arange(frames, device=y.device).view(-1, 1) + torch.arange(cols, device=y.device)
+    return y.gather(1, n.expand(rows, -1, -1))
 
 
 def _forward_variables(blank_lp: Tensor, label_lp: Tensor) -> Tensor:
-    """alpha over the (T, U+1) lattice, looping over its shorter side.
+    """Forward variables of the (T, U+1) lattice, one anti-diagonal at a time.
+
+    alpha[0, 0] = 0 and
+    alpha[t, u] = logaddexp(alpha[t-1, u] + blank_lp[t-1, u], alpha[t, u-1] + label_lp[t, u-1]).
+
+    Every cell of the anti-diagonal t + u = n depends only on diagonal n - 1, so the lattice
+    takes T + U steps of three small vectorised operations each (two adds and a logaddexp),
+    with no cumulative sums: nothing cancels, and the recursion is exact in float32. (A
+    row-by-row scan needs only min(T, U+1) steps, but each is a sequential ``logcumsumexp``
+    along the other side, ~30 ns per element on CPU, and its closed form needs float64.)
 
     Args:
-        blank_lp: (B, T, U+1) log-weight of the move (t, u) -> (t+1, u).
-        label_lp: (B, T, U+1) log-weight of the move (t, u) -> (t, u+1) (last column unused).
+        blank_lp: (R, T, U+1) log-weight of the move (t, u) -> (t+1, u).
+        label_lp: (R, T, U+1) log-weight of the move (t, u) -> (t, u+1) (last column unused).
 
     Returns:
-        (B, T, U+1) forward variables.
+        (R, T, U+1) forward variables.
     """
-    if blank_lp.size(1) <= blank_lp.size(2):
-        return _lattice_forward(blank_lp, label_lp)
-    # Transposed lattice: rows are label positions, so the loop runs U+1 times.
-    alpha_t = _lattice_forward(label_lp.transpose(1, 2), blank_lp.transpose(1, 2))
-    return alpha_t.transpose(1, 2)
+    rows, frames, cols = blank_lp.shape
+    neg_inf = float("-inf")
+    blank_sk = _skew(blank_lp, neg_inf)
+    # Column u of label_in holds the weight of the move into column u: label_lp[.., u-1].
+    label_in = torch.nn.functional.pad(_skew(label_lp, neg_inf)[..., :-1], (1, 0), value=neg_inf)
+    diagonals = blank_sk.size(1)
+    # Column 0 of ``diag`` is a -inf border, so that "the cell to the left" is a plain slice.
+    diag = blank_lp.new_full((rows, diagonals, cols + 1), neg_inf)
+    diag[:, 0, 1] = 0.0
+    stay = blank_lp.new_empty(rows, cols)
+    move = blank_lp.new_empty(rows, cols)
+    for n in range(1, diagonals):
+        prev = diag[:, n - 1]
+        torch.add(prev[:, 1:], blank_sk[:, n - 1], out=stay)
+        torch.add(prev[:, :-1], label_in[:, n - 1], out=move)
+        torch.logaddexp(stay, move, out=diag[:, n, 1:])
+    return _unskew(diag[..., 1:], frames)
 
 
 def _flip(x: Tensor, t_last: Tensor, u_last: Tensor) -> Tensor:
@@ -141,6 +158,27 @@ def _edge_index(targets: Tensor, target_lengths: Tensor, blank: int) -> Tensor:
     return torch.stack([blank_ids, label_ids], dim=2).unsqueeze(1)
 
 
+def _shifted_exps(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
+    """exp(logit - max) of every cell, with each cell's sum and max (its softmax, unnormalised).
+
+    Computed chunk by chunk of utterances, so that the subtract, exp and sum of a chunk run
+    while it is in cache.
+
+    Returns:
+        exps (B, T, U+1, V), norms (B, T, U+1) = exps.sum(-1), peaks (B, T, U+1), in ``dtype``.
+    """
+    exps = torch.empty(logits.shape, dtype=dtype, device=logits.device)
+    norms = torch.empty(logits.shape[:3], dtype=dtype, device=logits.device)
+    peaks = torch.empty(logits.shape[:3], dtype=dtype, device=logits.device)
+    for part in _batch_chunks(logits):
+        chunk = logits[part].to(dtype)
+        torch.amax(chunk, dim=3, out=peaks[part])
+        torch.sub(chunk, peaks[part].unsqueeze(3), out=exps[part])
+        exps[part].exp_()
+        torch.sum(exps[part], dim=3, out=norms[part])
+    return exps, norms, peaks
+
+
 class _RNNTLoss(torch.autograd.Function):
     """Per-utterance RNN-T costs with an analytic gradient (see the module docstring)."""
 
@@ -166,25 +204,28 @@ class _RNNTLoss(torch.autograd.Function):
         # label of every cell, taken with a single gather.
         edge_index = _edge_index(targets, u_len, blank)
         index = edge_index.expand(batch, frames, cols, 2)
-        if fused_log_softmax:
-            # Log-softmax chunk by chunk of utterances, keeping only the gathered values: the
-            # full-size log-prob tensor never exists (peak memory), and each chunk's temporary
-            # is small enough to be reused by the allocator rather than freshly page-faulted.
-            # One fused log_softmax kernel beats logsumexp (separate max/sub/exp/sum/log passes)
-            # on CPU. Half precision is normalised in float32.
+        exps = norms = None
+        if not fused_log_softmax:
+            edges = logits.gather(3, index).to(work_dtype)
+        elif need_grad:
+            # Training: keep exp(logit - max) of every cell, as the backward pass needs the
+            # softmax and this buffer becomes the gradient in place (peak memory: the logits
+            # plus one logits-sized buffer, as for any loss; no softmax is recomputed).
+            exps, norms, peaks = _shifted_exps(logits, work_dtype)
+            edges = logits.gather(3, index).to(work_dtype) - (peaks + norms.log()).unsqueeze(3)
+        else:
+            # Evaluation: nothing V-sized is kept; one fused log_softmax kernel per chunk (each
+            # chunk's temporary is small enough to be reused by the allocator).
             edges = torch.cat(
                 [
                     torch.log_softmax(logits[part], dim=3, dtype=work_dtype).gather(3, index[part])
                     for part in _batch_chunks(logits)
                 ]
             )
-        else:
-            edges = logits.gather(3, index)
-        edges = edges.double().clamp_min(_LOG_PROB_FLOOR)
+        edges = edges.clamp_min(_LOG_PROB_FLOOR)
 
-        # The recursion runs in float64 (its cumulative sums subtract large numbers). Cells
-        # outside an utterance's lattice get weight 0 (not padding garbage, never nan) so the
-        # recursion stays finite there; nothing valid depends on them.
+        # Cells outside an utterance's lattice get weight 0 (not padding garbage, never nan) so
+        # the recursion stays finite there; nothing valid depends on them.
         t_pos = torch.arange(frames, device=device).view(1, frames, 1)
         u_pos = torch.arange(cols, device=device).view(1, 1, cols)
         valid = (t_pos < t_len.view(-1, 1, 1)) & (u_pos <= u_len.view(-1, 1, 1))
@@ -222,7 +263,10 @@ class _RNNTLoss(torch.autograd.Function):
         # Edge occupancies: posterior probability that the alignment uses each edge.
         occupancy = torch.exp(alpha.unsqueeze(3) - log_like.view(-1, 1, 1, 1) + edges + after)
 
-        ctx.save_for_backward(logits, edge_index, occupancy.to(work_dtype))
+        ctx.save_for_backward(edge_index, occupancy, logits)
+        # The softmax buffer is not a saved tensor: the first backward consumes it (it becomes
+        # the gradient), so it is held on ctx and dropped there.
+        ctx.exps, ctx.norms = exps, norms
         ctx.clamp = clamp
         ctx.fused = fused_log_softmax
         return (-log_like).to(logits.dtype)
@@ -230,21 +274,24 @@ class _RNNTLoss(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_costs: Tensor):  # type: ignore[override]
-        logits, edge_index, occupancy = ctx.saved_tensors
+        edge_index, occupancy, logits = ctx.saved_tensors
         batch, frames, cols, _ = logits.shape
         scale = grad_costs.to(occupancy.dtype).view(batch, 1, 1, 1)
         if ctx.clamp <= 0:
             # Fold the chain rule into the small tensor instead of a full-size multiply.
             occupancy = occupancy * scale
         # d(-log P)/d logit_k = softmax_k * occupancy(cell) - occ_blank [k = blank]
-        #                       - occ_label [k = target]. The softmax is recomputed (one fused
-        # kernel) straight into the gradient buffer rather than kept from the forward pass.
-        # (Computing it as exp(logit - lse + log occupancy) was slower on CPU: the broadcast
-        # subtract and exp are two passes, softmax is one.)
-        if ctx.fused:
-            grad = torch.softmax(logits, dim=3, dtype=occupancy.dtype)
-            grad.mul_(occupancy.sum(dim=3, keepdim=True))
+        #                       - occ_label [k = target], with softmax_k = exps_k / norm.
+        if ctx.exps is not None:
+            grad = ctx.exps.mul_((occupancy.sum(dim=3) / ctx.norms).unsqueeze(3))
+            ctx.exps = ctx.norms = None
+        elif ctx.fused:
+            # A second backward through the same graph (retain_graph=True, gradcheck): the
+            # buffer became the first gradient, so recompute the softmax.
+            grad, norms, _ = _shifted_exps(logits, occupancy.dtype)
+            grad.mul_((occupancy.sum(dim=3) / norms).unsqueeze(3))
         else:
+            # Log-probabilities came in (fused_log_softmax=False): only the two edges per cell.
             grad = torch.zeros(logits.shape, dtype=occupancy.dtype, device=logits.device)
         grad.scatter_add_(3, edge_index.expand(batch, frames, cols, 2), occupancy.neg())
         if ctx.clamp > 0:
