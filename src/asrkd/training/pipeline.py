@@ -80,6 +80,14 @@ class TrainingConfig:
     val_decoding: str = "ctc_greedy"
     early_stopping_patience: int | None = None
     tokenizer_from: str | None = None  # checkpoint whose tokenizer to reuse (KD: the teacher's)
+    # Fine-tuning: start from this asrkd checkpoint's weights (and its tokenizer) instead of a
+    # random initialisation; the optimizer, schedule and data order start afresh. The run's
+    # model config must build the same tensors (dropout, SpecAugment and decoding may differ).
+    init_checkpoint: str | None = None
+    # The final model averages the weights of this many checkpoints with the lowest validation
+    # WER (ESPnet's valid.acc.ave, NeMo's checkpoint averaging); kept only where it validates
+    # at least as well as the single best. 1: the best checkpoint alone.
+    average_best: int = 1
     teacher_cache: str | None = None  # `asrkd cache-teacher` output: offline CTC KD
     checkpoint_every_n_steps: int = 50  # how often checkpoints/last.ckpt (for --resume) is written
     max_bad_batches_in_a_row: int = 20  # NaN/inf batches skipped before the run stops
@@ -143,8 +151,10 @@ def config_path(name: str | Path) -> Path:
 
 
 def _tokenizer(config: RunConfig, model_config: ModelConfig) -> Tokenizer:
-    source = config.training.tokenizer_from or (
-        config.training.teacher_checkpoint if config.training.use_kd else None
+    source = (
+        config.training.tokenizer_from
+        or config.training.init_checkpoint
+        or (config.training.teacher_checkpoint if config.training.use_kd else None)
     )
     if source is not None:
         from asrkd.data.tokenizer import tokenizer_from_dict
@@ -175,6 +185,35 @@ def _check_resumable(checkpoint: Path, module: ModelModule) -> None:
                 f"cannot resume from {checkpoint}: it was written for a different {key}{detail} "
                 "(resume with the same config, or use a new output_dir)"
             )
+
+
+def _initialise(model: E2EASR, path: str) -> None:
+    """Load the weights of the asrkd checkpoint ``path`` into ``model`` (fine-tuning).
+
+    Raises:
+        CheckpointError: the checkpoint's tensors do not fit the run's model; the message names
+            the first mismatches.
+    """
+    payload = read_checkpoint(path)
+    if payload["tokenizer"] != model.tokenizer.to_dict():
+        raise CheckpointError(
+            f"training.init_checkpoint {path} has another tokenizer than this run's "
+            "(leave training.tokenizer_from unset to take the checkpoint's)"
+        )
+    theirs, ours = payload["state_dict"], model.state_dict()
+    problems = [f"{k} missing from the checkpoint" for k in ours if k not in theirs]
+    problems += [f"{k} not in this model" for k in theirs if k not in ours]
+    problems += [f"{k} is {tuple(theirs[k].shape)} there, {tuple(v.shape)} here"
+                 for k, v in ours.items() if k in theirs and theirs[k].shape != v.shape]
+    if problems:
+        raise CheckpointError(
+            f"training.init_checkpoint {path} does not fit this run's model ("
+            + "; ".join(problems[:3]) + (f"; {len(problems) - 3} more" if len(problems) > 3
+                                         else "")
+            + "): use the model config it was trained with"
+        )
+    model.load_state_dict(theirs)
+    rank_zero_info(f"initialised the model from {path}")
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -225,8 +264,11 @@ def train(config: RunConfig, resume: bool = False) -> dict:
             "set data.speed_factors to [] or train with the online teacher"
         )
     datamodule.attach_tokenizer(tokenizer)
+    if training.average_best < 1:
+        raise ConfigError(f"training.average_best={training.average_best} must be >= 1")
     trainer, callbacks = build_trainer(
         config.trainer, output_dir, training.early_stopping_patience,
+        keep_best=training.average_best,
         checkpoint_every_n_steps=training.checkpoint_every_n_steps,
         regularization_warmup_steps=training.regularization_warmup_steps,
         max_bad_batches_in_a_row=training.max_bad_batches_in_a_row,
@@ -235,11 +277,18 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     if start_from is not None:
         _check_resumable(start_from, module)
         rank_zero_info(f"resuming from {start_from}")
+    elif training.init_checkpoint is not None:
+        _initialise(module.model, _resolve(training.init_checkpoint))
     atomic_write_text(output_dir / "run_config.json", json.dumps(asdict(config), indent=2))
     trainer.fit(module, datamodule=datamodule, ckpt_path=start_from, weights_only=True)
     best = callbacks["checkpoint"].best_model_path
+    averaged = None
     if best and trainer.is_global_zero:
         module.load_state_dict(safe_load(best)["state_dict"])
+        if training.average_best > 1:
+            averaged = _average_best(module, callbacks["checkpoint"].best_k_models,
+                                     training.average_best, _resolve(data.val_manifest),
+                                     training.val_decoding)
     result = {
         "name": config.name,
         "checkpoint": str(output_dir / "model.ckpt"),
@@ -251,11 +300,56 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         "val_history": callbacks["history"].history,
         "skipped_batches": callbacks["guard"].skipped,
     }
+    if averaged is not None:
+        result["averaged"] = averaged
     if trainer.is_global_zero:
         save_checkpoint(module.model, output_dir / "model.ckpt", extra={"train": result})
         # Written last: its presence marks a finished run (the demo reuses such stages).
         atomic_write_text(output_dir / "train_result.json", json.dumps(result, indent=2))
     return result
+
+
+def average_state_dicts(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Element-wise mean of floating-point tensors (accumulated in float64); other tensors
+    (step counters) are taken from the first state."""
+    out = {}
+    for key, first in states[0].items():
+        if first.is_floating_point():
+            total = sum(s[key].double() for s in states)
+            out[key] = (total / len(states)).to(first.dtype)
+        else:
+            out[key] = first
+    return out
+
+
+def _average_best(module: ModelModule, best_k: dict, count: int, val_manifest: str | None,
+                  method: str) -> dict:
+    """Average the weights of the ``count`` checkpoints with the lowest validation WER into
+    ``module`` if the average validates at least as well as the best one (which ``module``
+    holds on entry); return what was measured and chosen."""
+    ranked = sorted(best_k.items(), key=lambda item: float(item[1]))[:count]
+    if len(ranked) < 2 or val_manifest is None:
+        return {"checkpoints": len(ranked), "used": False}
+    best_state = {k: v.clone() for k, v in module.state_dict().items()}
+    single = evaluate(module.model, val_manifest, method=method)["wer"]
+    module.load_state_dict(average_state_dicts(
+        [safe_load(path)["state_dict"] for path, _ in ranked]))
+    mean = evaluate(module.model, val_manifest, method=method)["wer"]
+    used = mean <= single
+    if not used:
+        module.load_state_dict(best_state)
+    rank_zero_info(f"average of the {len(ranked)} best checkpoints: val WER {mean:.4f} vs "
+                   f"{single:.4f} for the best one; {'kept' if used else 'not kept'}")
+    return {"checkpoints": len(ranked), "steps": [_step_of(path) for path, _ in ranked],
+            "val_wer_best": round(single, 4), "val_wer_average": round(mean, 4), "used": used}
+
+
+def _step_of(path: str) -> int | None:
+    """The optimizer step in a ``best-step=N-...`` checkpoint file name."""
+    for part in Path(path).stem.split("-"):
+        if part.startswith("step="):
+            return int(part.removeprefix("step="))
+    return None
 
 
 def _float(value: torch.Tensor | float | None) -> float | None:

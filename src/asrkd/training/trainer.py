@@ -76,10 +76,11 @@ def build_trainer(
     checkpoint_every_n_steps: int = 50,
     regularization_warmup_steps: int = 0,
     max_bad_batches_in_a_row: int = 20,
+    keep_best: int = 1,
 ) -> tuple[L.Trainer, dict[str, L.Callback]]:
     """A Trainer with our callbacks; ``trainer_config`` holds Lightning Trainer arguments.
 
-    Checkpoints go to ``<output_dir>/checkpoints``: the best by validation WER, and
+    Checkpoints go to ``<output_dir>/checkpoints``: the ``keep_best`` best by validation WER, and
     ``last.ckpt`` every ``checkpoint_every_n_steps`` optimizer steps (what ``--resume``
     continues from). Both are written atomically and loaded with ``weights_only=True``.
 
@@ -101,7 +102,7 @@ def build_trainer(
         filename="best-{step}-{val_wer:.4f}",
         monitor="val_wer",
         mode="min",
-        save_top_k=1,
+        save_top_k=keep_best,
         save_last=False,
     )
     last = ModelCheckpoint(
