@@ -178,3 +178,26 @@ def test_dynamic_range_floor_makes_features_gain_invariant_and_empty_bands_zero(
     feats, out_lengths = relative(batch, torch.tensor([len(audio), 0]))
     torch.testing.assert_close(feats[0, : out_lengths[0]], loud[0], atol=1e-4, rtol=1e-4)
     assert torch.isfinite(feats).all()
+
+
+def test_all_features_normalisation_keeps_the_spectral_shape(fsdd_dir):
+    # One mean and variance per utterance (NeMo's all_features): gain-invariant like
+    # per_feature, padding-invariant, but the utterance's average spectrum survives; with
+    # per_feature every bin averages to zero, so a one-word recording loses its vowel's shape.
+    audio = torch.from_numpy(load_audio(fsdd_dir / "wav" / "2_george_0.wav"))
+    lengths = torch.tensor([len(audio)])
+    config = FeatureConfig(dynamic_range_db=70.0, min_std=1.0, normalize="all_features")
+    features = LogMelFeatures(config)
+    loud, _ = features(audio[None], lengths)
+    soft, _ = features(audio[None] * 0.1, lengths)
+    torch.testing.assert_close(loud, soft, atol=2e-3, rtol=0)
+    assert abs(loud.mean().item()) < 1e-4 and abs(loud.std(unbiased=False).item() - 1) < 1e-3
+    profile = loud[0].mean(0)  # average over frames, per mel bin
+    assert profile.std() > 0.5  # the spectral envelope is kept ...
+    per_feature = LogMelFeatures(FeatureConfig(dynamic_range_db=70.0, min_std=1.0))
+    assert per_feature(audio[None], lengths)[0][0].mean(0).abs().max() < 1e-4  # ... not here
+    batch = torch.zeros(2, len(audio) + 4000)
+    batch[0, : len(audio)] = audio
+    feats, out_lengths = features(batch, torch.tensor([len(audio), 0]))
+    torch.testing.assert_close(feats[0, : out_lengths[0]], loud[0], atol=1e-4, rtol=1e-4)
+    assert torch.isfinite(feats).all()

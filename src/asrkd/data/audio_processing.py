@@ -102,7 +102,11 @@ class FeatureConfig:
     f_min: float = 0.0
     f_max: float | None = None
     log_floor: float = 1e-6
-    normalize: str | None = "per_feature"  # "per_feature" | None
+    # "per_feature": each mel bin to zero mean and unit variance over the utterance (NeMo's
+    # default); "all_features": one mean and variance over every bin and frame of the
+    # utterance (NeMo's all_features), which keeps the utterance's average spectral shape;
+    # None: raw log-mel.
+    normalize: str | None = "per_feature"
     dither: float = 0.0
     # Floor every mel power at this many dB below the utterance's loudest bin (None: only the
     # absolute ``log_floor``). Makes the features independent of the recording's gain, and
@@ -247,6 +251,12 @@ class LogMelFeatures(nn.Module):
             count = lengths.clamp(min=1).to(features.dtype)[:, None, None]
             mean = (features * frame_mask).sum(1, keepdim=True) / count
             var = ((features - mean).square() * frame_mask).sum(1, keepdim=True) / count
+            std = var.sqrt().clamp(min=config.min_std)
+            features = (features - mean) / (std + 1e-5)
+        elif config.normalize == "all_features":
+            count = (lengths.clamp(min=1) * features.shape[2]).to(features.dtype)[:, None, None]
+            mean = (features * frame_mask).sum((1, 2), keepdim=True) / count
+            var = ((features - mean).square() * frame_mask).sum((1, 2), keepdim=True) / count
             std = var.sqrt().clamp(min=config.min_std)
             features = (features - mean) / (std + 1e-5)
         elif config.normalize is not None:
