@@ -27,19 +27,32 @@ than this recipe's budget gives.
 real speech. It is off by default: with the recipe's settings, 2000 synthetic digits gave the
 teacher validation WER 59.8 % at 600 steps (still falling) against 56.8 % without them.
 
+**Pretraining on other voices (the default).** Four training voices are what limits this
+task, so every model first learns from AN4's training set (74 other speakers, resampled to
+8 kHz, validation on 8 held-out AN4 speakers), once for all folds: a teacher and a student,
+with one BPE vocabulary of 128 pieces that keeps every digit word whole. In each fold the
+teacher, the student and the KD student are then fine-tuned from them on the four FSDD voices
+(``training.init_checkpoint``); the KD student starts from the same pretrained student as the
+plain one, so distillation is the only difference. Measured on the george fold (2026-12-05,
+2-core VM): the teacher trained on FSDD alone reached 39.4 % test WER; pretrained on AN4 and
+fine-tuned for 400 steps, 25.4 % (27.8 % at lr 1e-4; 29.8 % with AN4 mixed into the
+fine-tuning data). ``--no-pretrain`` runs the previous recipe (FSDD only, from scratch).
+
 Usage: python recipes/fsdd/run.py [--quick] [--folds george,lucas] [--shared ../shared/data/fsdd]
-                                  [--synthetic N] [--an4]
+                                  [--synthetic N] [--an4] [--no-pretrain]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from collections import Counter
 from pathlib import Path
 
 from asrkd.data.corpus import build_corpus
-from asrkd.recipe import MANY_EPOCH_DROPOUT, RecipePlan, run_recipe
+from asrkd.recipe import MANY_EPOCH_DROPOUT, RecipePlan, run_recipe, train_stage
+from asrkd.training.pipeline import config_path
 
 ROOT = Path(__file__).resolve().parents[2]
 SPEAKERS = ("george", "jackson", "lucas", "nicolas", "yweweler")
@@ -85,6 +98,29 @@ FULL = RecipePlan(teacher_steps=800, student_steps=600, max_batch_seconds=20.0,
 QUICK = RecipePlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
                  val_every_steps=2, warmup_steps=1)
 
+# Pretraining on AN4 at 8 kHz: the AN4 recipe's teacher schedule (60 s batches, lr 5e-4, 2000
+# steps), for the teacher and the student. The student shares the teacher's tokenizer.
+PRETRAIN = RecipePlan(teacher_steps=2000, student_steps=2000, max_batch_seconds=60.0,
+                      val_every_steps=100, warmup_steps=100)
+PRETRAIN_QUICK = RecipePlan(teacher_steps=4, student_steps=3, max_batch_seconds=20.0,
+                            val_every_steps=2, warmup_steps=1)
+PRETRAIN_VOCAB = 128  # BPE pieces: every digit word stays one piece with AN4's texts
+PRETRAIN_OVERRIDES = [
+    "model.tokenizer.kind=bpe",
+    f"model.tokenizer.vocab_size={PRETRAIN_VOCAB}",
+    "data.min_duration=0.05",
+    "data.speed_factors=[0.9,1.0,1.1]",
+    *MANY_EPOCH_DROPOUT,
+]
+# Fine-tuning in each fold: 400 steps of 20 s batches, dropout and SpecAugment at full
+# strength from the start (the pretrained models have seen them for 2000 steps).
+FINETUNE = RecipePlan(teacher_steps=400, student_steps=400, max_batch_seconds=20.0,
+                      val_every_steps=100, warmup_steps=50, regularization_warmup=0.0)
+FINETUNE_QUICK = RecipePlan(teacher_steps=3, student_steps=3, max_batch_seconds=20.0,
+                            val_every_steps=2, warmup_steps=1, regularization_warmup=0.0)
+FINETUNE_OVERRIDES = [o for o in OVERRIDES if not o.startswith("model.tokenizer.")] + [
+    "model.tokenizer.kind=bpe", f"model.tokenizer.vocab_size={PRETRAIN_VOCAB}"]
+
 
 def synthetic_digits(out: Path, n: int) -> list[dict]:
     """Manifest rows (absolute paths) of ``n`` synthetic spoken digits, built once in ``out``."""
@@ -108,8 +144,8 @@ def narrowband_an4(an4: Path, out: Path, limit: int | None = None) -> list[dict]
 
     lines = [json.loads(x) for x in (an4 / "manifest_train.jsonl").read_text().splitlines()
              if x]
-    if limit is not None:
-        lines = lines[:limit]
+    if limit is not None:  # spread over the manifest, so over many speakers
+        lines = lines[:: max(1, len(lines) // limit)][:limit]
     rows = []
     for row in lines:
         path = (out / row["audio_filepath"]).with_suffix(".flac")
@@ -170,13 +206,47 @@ def prepare(shared: Path, out: Path, limit: int | None = None, synthetic: int = 
     return stats
 
 
+def pretrain(an4: Path, exp: Path, quick: bool = False) -> dict:
+    """Teacher and student trained once on AN4's training set at 8 kHz (no FSDD speaker),
+    validated on AN4's held-out speakers. Reused when done. Returns their checkpoints
+    (``teacher``, ``student``) and a ``summary`` line for the reports."""
+    spec = importlib.util.spec_from_file_location("an4_prepare",
+                                                  ROOT / "recipes" / "an4" / "prepare.py")
+    an4_prepare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(an4_prepare)
+    rows = narrowband_an4(an4, exp.parent / "an4_8k", limit=40 if quick else None)
+    speakers = sorted({r["speaker"] for r in rows})
+    held_out = set(speakers[::an4_prepare.VAL_EVERY])  # as the AN4 recipe validates
+    corpus = exp / "manifests"
+    corpus.mkdir(parents=True, exist_ok=True)
+    val = [r for r in rows if r["speaker"] in held_out]
+    train = [r for r in rows if r["speaker"] not in held_out]
+    for split, split_rows in (("train", train), ("val", val), ("test", val)):
+        (corpus / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in split_rows))
+    plan = PRETRAIN_QUICK if quick else PRETRAIN
+    teacher = train_stage("teacher", plan, corpus, exp, plan.teacher_steps, PRETRAIN_OVERRIDES,
+                          config_path("teacher"))
+    student = train_stage("student", plan, corpus, exp, plan.student_steps,
+                          PRETRAIN_OVERRIDES
+                          + [f"training.tokenizer_from={exp / 'teacher' / 'model.ckpt'}"],
+                          config_path("student"))
+    return {"teacher": exp / "teacher" / "model.ckpt", "student": exp / "student" / "model.ckpt",
+            "summary": f"pretrained on AN4's training set at 8 kHz ({len(train)} utterances, "
+                       f"{len(speakers) - len(held_out)} speakers; validation {len(val)} "
+                       f"utterances of {len(held_out)} held-out AN4 speakers): teacher "
+                       f"{teacher['train_seconds']:.0f} s, "
+                       f"student {student['train_seconds']:.0f} s"}
+
+
 MODELS = ("teacher", "student", "student_kd")
 
 
-def summarise(folds: dict[str, dict], out: Path, extra: str = "") -> dict:
+def summarise(folds: dict[str, dict], out: Path, extra: str = "",
+              pretrained: str | None = None) -> dict:
     """Mean and spread over folds, per model; KD wins counted per fold. Writes the report.
 
-    ``extra``: what joins the four FSDD speakers in training ("" for nothing)."""
+    ``extra``: what joins the four FSDD speakers in training ("" for nothing); ``pretrained``:
+    how the models were pretrained before each fold fine-tuned them (None: from scratch)."""
     import numpy as np
 
     metrics: dict = {}
@@ -216,6 +286,8 @@ def summarise(folds: dict[str, dict], out: Path, extra: str = "") -> dict:
         f"{len(folds)} folds; in each, one speaker tests and the other four train (every "
         f"{VAL_EVERY}th of their recordings held out for validation); "
         + (f"{extra} joins training only; " if extra else "real speech only; ")
+        + (f"every model was first {pretrained}, then fine-tuned in each fold; "
+           if pretrained else "every model trained from scratch in each fold; ")
         + "8 kHz recordings upsampled to 16 kHz. "
         "CTC greedy decoding. "
         "Figures: mean +- standard deviation over folds (min-max).",
@@ -266,13 +338,33 @@ def main() -> None:
                         / "an4", default=None, metavar="AN4_DIR",
                         help="add AN4's training set (at 8 kHz) to training (default folder: "
                              "../shared/data/an4)")
+    parser.add_argument("--no-pretrain", dest="pretrain", action="store_false",
+                        help="train every model on FSDD alone, from scratch (the old recipe)")
+    parser.add_argument("--an4-dir", type=Path, default=ROOT.parent / "shared" / "data" / "an4",
+                        help="AN4 for pretraining (default: ../shared/data/an4)")
     args = parser.parse_args()
+    if args.pretrain and not (args.an4_dir / "manifest_train.jsonl").is_file():
+        raise SystemExit(f"AN4 not found at {args.an4_dir} (pass --an4-dir PATH, or "
+                         "--no-pretrain)")
     if not (args.shared / "manifest.jsonl").is_file():
         raise SystemExit(f"FSDD not found at {args.shared} (pass --shared PATH)")
     if args.an4 is not None and not (args.an4 / "manifest_train.jsonl").is_file():
         raise SystemExit(f"AN4 not found at {args.an4} (pass --an4 PATH)")
     if args.exp is None:
         args.exp = ROOT / "exp" / ("fsdd_an4" if args.an4 is not None else "fsdd")
+    pretrained = pretrain(args.an4_dir, args.exp / "pretrain", args.quick) if args.pretrain \
+        else None
+    if pretrained is None:
+        plan = QUICK if args.quick else FULL
+        overrides = OVERRIDES + (AN4_OVERRIDES if args.an4 is not None else [])
+        stage_overrides = None
+    else:
+        plan = FINETUNE_QUICK if args.quick else FINETUNE
+        overrides = FINETUNE_OVERRIDES
+        init = {"teacher": pretrained["teacher"], "student": pretrained["student"],
+                "student_kd": pretrained["student"]}
+        stage_overrides = {name: [f"training.init_checkpoint={path}"]
+                           for name, path in init.items()}
     folds = {}
     for speaker in [f for f in args.folds.split(",") if f]:
         if speaker not in SPEAKERS:
@@ -285,15 +377,18 @@ def main() -> None:
             report_dir=args.out / f"fold_{speaker}",
             corpus_dir=corpus,
             exp_dir=exp,
-            plan=QUICK if args.quick else FULL,
-            overrides=OVERRIDES + (AN4_OVERRIDES if args.an4 is not None else []),
-            corpus_summary=stats["summary"],
+            plan=plan,
+            overrides=overrides,
+            stage_overrides=stage_overrides,
+            corpus_summary=stats["summary"] + ("" if pretrained is None
+                                               else f"; every model {pretrained['summary']}"),
             title=f"asrkd on real speech: Free Spoken Digit Dataset, test speaker {speaker}",
         )
     extra = [f"{args.synthetic} synthetic spoken digits"] if args.synthetic else []
     if args.an4 is not None:
         extra.append("AN4's training set (74 other speakers, real speech, resampled to 8 kHz)")
-    summarise(folds, args.out, extra=" and ".join(extra))
+    summarise(folds, args.out, extra=" and ".join(extra),
+              pretrained=None if pretrained is None else pretrained["summary"])
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from rich.console import Console
 from asrkd.errors import UserError
 from asrkd.training.pipeline import config_path, evaluate, load_run_config, train
 
-__all__ = ["MANY_EPOCH_DROPOUT", "MODELS", "RecipePlan", "run_recipe"]
+__all__ = ["MANY_EPOCH_DROPOUT", "MODELS", "RecipePlan", "run_recipe", "train_stage"]
 
 console = Console()
 MODELS = ("teacher", "student", "student_kd")
@@ -89,10 +89,14 @@ def _stage_overrides(plan: RecipePlan, corpus: Path, out: Path, steps: int) -> l
     ]
 
 
-def _train_stage(
+def train_stage(
     name: str, plan: RecipePlan, corpus: Path, exp: Path, steps: int, extra: list[str],
     config: Path,
 ) -> dict:
+    """Train model ``name`` into ``<exp>/<name>`` on the manifests of ``corpus`` for ``steps``
+    steps with the plan's batching and schedule, ``config`` and the ``extra`` overrides; the
+    KD student (``student_kd``) distils from ``<exp>/teacher``. A finished stage is reused and
+    an interrupted one resumed. Returns its ``train_result.json``."""
     out = exp / name
     result_file = out / "train_result.json"
     if result_file.is_file() and (out / "model.ckpt").is_file():
@@ -367,6 +371,7 @@ def run_recipe(
     title: str = "asrkd report",
     notes: Sequence[str] = (),
     configs: Mapping[str, str | Path] | None = None,
+    stage_overrides: Mapping[str, Sequence[str]] | None = None,
 ) -> dict:
     """Train teacher, student and KD student, score the test split, write the report.
 
@@ -382,6 +387,8 @@ def run_recipe(
         notes: extra report paragraphs (published results, caveats).
         configs: run config per model name (a YAML file or a shipped preset name); models not
             named use the shipped preset of their name (``asrkd presets``).
+        stage_overrides: more dotted overrides per model name, after ``overrides`` (for
+            example ``training.init_checkpoint`` of a pretrained model for one stage).
 
     Returns:
         The metrics written to ``metrics.json``: per model ``params``, ``wer``, ``cer``,
@@ -389,9 +396,10 @@ def run_recipe(
     """
     start = time.perf_counter()
     plan = plan or RecipePlan()
-    unknown = sorted(set(configs or {}) - set(MODELS))
+    unknown = sorted((set(configs or {}) | set(stage_overrides or {})) - set(MODELS))
     if unknown:
-        raise UserError(f"configs for unknown models {unknown}; models are {list(MODELS)}")
+        raise UserError(f"configs or overrides for unknown models {unknown}; models are "
+                        f"{list(MODELS)}")
     configs = {name: config_path(str((configs or {}).get(name, name))) for name in MODELS}
     report_dir, corpus_dir, exp_dir = (
         Path(p).expanduser().resolve() for p in (report_dir, corpus_dir, exp_dir)
@@ -401,8 +409,8 @@ def run_recipe(
     steps = {"teacher": plan.teacher_steps, "student": plan.student_steps,
              "student_kd": plan.student_steps}
     results = {
-        name: _train_stage(name, plan, corpus_dir, exp_dir, steps[name], extra,
-                            configs[name])
+        name: train_stage(name, plan, corpus_dir, exp_dir, steps[name],
+                            extra + list((stage_overrides or {}).get(name, ())), configs[name])
         for name in MODELS
     }
     metrics = {}
