@@ -12,20 +12,19 @@ alignment in the (T, U+1) lattice (Graves, 2012). Layout and semantics follow
 How it is computed:
 
 * Only (B, T, U+1, 2) values are ever taken from the big (B, T, U+1, V) tensor: the blank and
-  the next-target log-prob of each cell. The log-softmax is *fused*: it runs chunk by chunk of
-  utterances so no full-size log-prob tensor ever exists, nothing V-sized is saved for
-  backward except the logits the caller holds anyway, and the backward pass recomputes the
-  softmax straight into the gradient buffer. Peak memory is the logits plus one logits-sized
-  buffer (an unfused log_softmax + gather keeps a log-prob copy alive and allocates two
-  V-sized tensors in backward).
-* The forward variables alpha are computed one lattice row at a time, and each row in one shot:
-  within a row the "stay in the row" moves form a chain, so the row is a cumulative sum plus a
-  ``logcumsumexp``. We loop over the shorter lattice side (usually U+1 << T), so a batch takes
-  ``min(T, U+1)`` small vectorised steps. That recursion runs in float64 because the cumulative
-  sums subtract large numbers from each other.
+  the next-target log-prob of each cell. The log-softmax is *fused*. In training the forward
+  pass keeps exp(logit - max) of every cell (computed chunk by chunk of utterances, while the
+  chunk is in cache) with its sum, and the backward pass turns that buffer into the gradient
+  in place: peak memory is the logits plus one logits-sized buffer, and no log-prob tensor or
+  second softmax ever exists. In evaluation nothing V-sized is kept.
+* The forward variables alpha are computed one anti-diagonal (t + u = n) at a time: every cell
+  of a diagonal depends only on the previous one, so the lattice takes T + U steps of three
+  small vectorised operations, in float32 (nothing cancels).
 * The backward variables beta are the forward variables of the per-utterance reversed lattice,
-  so the same routine gives them. The gradient is analytic (no autograd graph through the loop):
-  the occupancy of each edge is exp(alpha + edge + beta - log P).
+  computed in the same batched recursion as alpha (2B rows, one Python loop). The gradient is
+  analytic (no autograd graph through the loop): the occupancy of each edge is
+  exp(alpha + edge + beta - log P), and d(-log P)/d logit = softmax x cell occupancy minus
+  the blank and label edge occupancies.
 """
 
 from __future__ import annotations
@@ -36,7 +35,8 @@ from torch import Tensor
 __all__ = ["rnnt_loss"]
 
 # Floor for log-probabilities entering the lattice recursion. A log-prob of -inf (a masked
-# logit) would turn the cumulative-sum trick into inf - inf = nan; exp(-1e4) is already zero.
+# logit) could make log P itself -inf, and the occupancies exp(... - log P) would be
+# -inf - -inf = nan; exp(-1e4) is already zero.
 _LOG_PROB_FLOOR = -1.0e4
 # Elements of logits log-softmaxed per chunk of utterances in the forward pass: small on CPU
 # (1 MiB of float32, reused by the allocator), large on accelerators where each chunk costs
