@@ -100,11 +100,16 @@ def _forward_variables(blank_lp: Tensor, label_lp: Tensor) -> Tensor:
     diag[:, 0, 1] = 0.0
     stay = blank_lp.new_empty(rows, cols)
     move = blank_lp.new_empty(rows, cols)
+    # Every per-diagonal view is made up front by one unbind each, so the loop body is the
+    # three kernels alone (slicing inside the loop cost as much as the arithmetic).
+    cells = diag[..., 1:].unbind(1)  # diagonal n, columns 0..U
+    left = diag[..., :-1].unbind(1)  # diagonal n, the cell left of each column
+    blank_in = blank_sk.unbind(1)
+    label_into = label_in.unbind(1)
     for n in range(1, diagonals):
-        prev = diag[:, n - 1]
-        torch.add(prev[:, 1:], blank_sk[:, n - 1], out=stay)
-        torch.add(prev[:, :-1], label_in[:, n - 1], out=move)
-        torch.logaddexp(stay, move, out=diag[:, n, 1:])
+        torch.add(cells[n - 1], blank_in[n - 1], out=stay)
+        torch.add(left[n - 1], label_into[n - 1], out=move)
+        torch.logaddexp(stay, move, out=cells[n])
     return _unskew(diag[..., 1:], frames)
 
 
