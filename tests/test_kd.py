@@ -92,6 +92,27 @@ def test_mismatched_vocabulary_and_frame_rate_are_named():
         build_kd(student, ASRLoss(), teacher=teacher, config=KDConfig())
 
 
+def test_rnnt_weighting_reaches_the_loss_and_changes_it():
+    tokenizer = CharTokenizer.english()
+    torch.manual_seed(0)
+    teacher = build_model(tiny_config("rnnt"), tokenizer)
+    student = build_model(tiny_config("rnnt"), tokenizer)
+    audio, lengths = random_batch()
+    targets, target_lengths = _targets(tokenizer, ["hello there", "hi"])
+    values = {}
+    for weighting in ("uniform", "occupancy"):
+        config = KDConfig(losses=("rnnt_kl",), rnnt_weighting=weighting)
+        wrapper = build_kd(student, ASRLoss(), teacher=teacher, config=config).eval()
+        assert wrapper.kd_loss_fn.losses["rnnt_kl"].weighting == weighting
+        values[weighting] = wrapper(audio, lengths, targets, target_lengths)["kd_rnnt_kl"]
+    assert values["uniform"] > 0 and values["occupancy"] > 0
+    assert not torch.isclose(values["uniform"], values["occupancy"])
+    run = load_run_config(overrides=["training.kd.rnnt_weighting=occupancy"])
+    assert run.training.kd.rnnt_weighting == "occupancy"
+    with pytest.raises(ConfigError, match="rnnt_weighting must be one of uniform, occupancy"):
+        load_run_config(overrides=["training.kd.rnnt_weighting=occupancy_mean"])
+
+
 def test_config_typos_name_the_key():
     with pytest.raises(ConfigError, match="'training.kd.temprature' .did you mean 'temperature'"):
         load_run_config(overrides=["training.kd.temprature=2"])

@@ -15,6 +15,7 @@ from torch import nn
 
 from asrkd.errors import ConfigError
 from asrkd.losses.kd import KD_LOSSES, REDUCTIONS, check_kd_compatibility
+from asrkd.losses.kd.rnnt import RNNT_WEIGHTINGS
 from asrkd.models.distillation import KDWrapper
 from asrkd.models.e2e_asr import E2EASR, ASROutput
 from asrkd.training.teacher_cache import CachedCTCKD, CachedTeacher, TeacherCache
@@ -36,6 +37,9 @@ class KDConfig:
         layer_map: (student layer, teacher layer) pairs for ``hidden``; None maps uniformly.
         hidden_loss: ``mse`` or ``cosine``.
         rnnt_chunk_size: frames per chunk in ``rnnt_kl`` (memory).
+        rnnt_weighting: lattice nodes in ``rnnt_kl``: ``uniform`` (every valid node alike, as
+            in Panchapagesan et al.) or ``occupancy`` (the teacher's posterior node occupancy,
+            so the loss sits on the nodes its alignments visit).
         reduction: ``utterance`` (default): each KD loss is summed over an utterance's frames
             or tokens and averaged over utterances, the scale of the CTC / attention / RNN-T
             losses, so ``alpha`` weighs like against like; ``frame``: averaged over positions
@@ -50,6 +54,7 @@ class KDConfig:
     layer_map: tuple[tuple[int, int], ...] | None = None
     hidden_loss: str = "mse"
     rnnt_chunk_size: int = 16
+    rnnt_weighting: str = "uniform"
     reduction: str = "utterance"
 
     def __post_init__(self) -> None:
@@ -67,6 +72,11 @@ class KDConfig:
             raise ConfigError("kd.weights needs one weight per entry of kd.losses")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"kd.alpha must be within [0, 1], got {self.alpha}")
+        if self.rnnt_weighting not in RNNT_WEIGHTINGS:
+            raise ConfigError(
+                f"kd.rnnt_weighting must be one of {', '.join(RNNT_WEIGHTINGS)}, "
+                f"got {self.rnnt_weighting!r}"
+            )
         if not self.temperature > 0:  # checked here, before any teacher is loaded
             raise ConfigError(f"kd.temperature must be > 0, got {self.temperature}")
 

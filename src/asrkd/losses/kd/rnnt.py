@@ -167,6 +167,10 @@ def rnnt_occupancy(
     return torch.where(valid, gamma, torch.zeros_like(gamma)).to(log_blank.dtype)
 
 
+# Node weightings of RNNTKD (KDConfig.rnnt_weighting).
+RNNT_WEIGHTINGS = ("uniform", "occupancy")
+
+
 class RNNTKD(SoftenedKD):
     """Collapsed-distribution RNN-T KD (Panchapagesan et al., 2021).
 
@@ -213,8 +217,10 @@ class RNNTKD(SoftenedKD):
         super().__init__(temperature, reduction)
         if chunk_size < 1:
             raise ConfigError(f"chunk_size must be >= 1, got {chunk_size}")
-        if weighting not in ("uniform", "occupancy"):
-            raise ConfigError(f"weighting must be 'uniform' or 'occupancy', got {weighting!r}")
+        if weighting not in RNNT_WEIGHTINGS:
+            raise ConfigError(
+                f"weighting must be one of {', '.join(RNNT_WEIGHTINGS)}, got {weighting!r}"
+            )
         self.chunk_size = int(chunk_size)
         self.weighting = weighting
         self.checkpoint_chunks = bool(checkpoint_chunks)
@@ -228,7 +234,7 @@ class RNNTKD(SoftenedKD):
     @classmethod
     def from_config(cls, config: KDConfig, teacher: E2EASR, student: E2EASR) -> RNNTKD:
         return cls(temperature=config.temperature, chunk_size=config.rnnt_chunk_size,
-                   reduction=config.reduction)
+                   weighting=config.rnnt_weighting, reduction=config.reduction)
 
     def from_outputs(self, student: ASROutput, teacher: ASROutput, targets: torch.Tensor,
                      target_lengths: torch.Tensor) -> torch.Tensor:
