@@ -228,3 +228,43 @@ def test_speechocean762_recipe_quick(tmp_path, speechocean_dir):
     splits = {s: _speakers(manifests / f"{s}.jsonl") for s in ("train", "val", "test")}
     assert not splits["train"] & splits["test"] and not splits["train"] & splits["val"]
     assert not splits["val"] & splits["test"]
+
+
+def test_beam_size_and_ctc_weight_set_the_search(tmp_path, tiny_corpus, monkeypatch):
+    import torch
+
+    import asrkd.models.e2e_asr
+    from asrkd.data.tokenizer import CharTokenizer
+    from asrkd.errors import ConfigError
+    from asrkd.models.e2e_asr import build_model, save_checkpoint
+    from test_e2e import tiny_config
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config("transformer"), CharTokenizer.english())
+    default = model.config.decoding
+    model.set_decoding(beam_size=7, ctc_weight=None)
+    assert (model.config.decoding.beam_size, model.config.decoding.ctc_weight) == (
+        7, default.ctc_weight)
+    with pytest.raises(ConfigError, match="ctc_weight must be within"):
+        model.set_decoding(ctc_weight=1.5)
+    with pytest.raises(ConfigError, match="beam_size must be >= 1"):
+        model.set_decoding(beam_size=0)
+    checkpoint = save_checkpoint(model, tmp_path / "m.ckpt")
+    searches = []
+    real_strategy = asrkd.models.e2e_asr.strategy
+
+    def spy(method, beam_size, length_penalty, ctc_weight, fusion):  # noqa: ANN001, ANN202
+        searches.append((method, beam_size, ctc_weight))
+        return real_strategy(method, beam_size, length_penalty, ctc_weight, fusion)
+
+    monkeypatch.setattr(asrkd.models.e2e_asr, "strategy", spy)
+    main(["evaluate", "--ckpt", str(checkpoint), "--manifest", str(tiny_corpus / "test.jsonl"),
+          "--method", "attention_beam", "--beam-size", "3", "--ctc-weight", "0.5"])
+    assert searches and set(searches) == {("attention_beam", 3, 0.5)}
+    searches.clear()
+    main(["evaluate", "--ckpt", str(checkpoint), "--manifest", str(tiny_corpus / "test.jsonl"),
+          "--method", "attention_beam"])  # the checkpoint's own settings
+    assert set(searches) == {("attention_beam", 7, default.ctc_weight)}
+    process = run_cli("infer", "--onnx", str(tmp_path / "m.onnx"), "--beam-size", "2",
+                      str(tiny_corpus / "wav" / "test"))
+    assert process.returncode == 2 and "--beam-size and --ctc-weight" in process.stderr

@@ -79,13 +79,22 @@ def _fusion(args: argparse.Namespace):  # noqa: ANN202
                                                  args.unk_penalty)
 
 
+def _load_with_search(args: argparse.Namespace):  # noqa: ANN202
+    """The --ckpt model with --beam-size/--ctc-weight set as its default search."""
+    from asrkd.models.e2e_asr import load_checkpoint
+
+    model = load_checkpoint(args.ckpt)
+    model.set_decoding(beam_size=args.beam_size, ctc_weight=args.ctc_weight)
+    return model
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from asrkd.training.pipeline import evaluate
 
     fusion = _fusion(args)
     metrics = evaluate(
-        args.ckpt, args.manifest, method=args.method, out_jsonl=args.out, threads=args.threads,
-        fusion=fusion, timing_repeats=3 if args.rtfx else 0,
+        _load_with_search(args), args.manifest, method=args.method, out_jsonl=args.out,
+        threads=args.threads, fusion=fusion, timing_repeats=3 if args.rtfx else 0,
     )
     if fusion is not None:
         print(f"LM: {args.lm} (order {fusion.lm.order}), weight {fusion.weight:g}, "
@@ -172,7 +181,6 @@ def cmd_infer(args: argparse.Namespace) -> None:
     import torch
 
     from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, load_audio
-    from asrkd.models.e2e_asr import load_checkpoint
 
     torch.set_num_threads(args.threads)
     if args.onnx:
@@ -180,6 +188,9 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
         if args.lm:
             raise UserError("--lm works with --ckpt models (the ONNX runner decodes greedily)")
+        if args.beam_size is not None or args.ctc_weight is not None:
+            raise UserError("--beam-size and --ctc-weight work with --ckpt models (the ONNX "
+                            "runner decodes greedily)")
 
         onnx_model = OnnxASR(args.onnx, threads=args.threads)
         method = args.method or onnx_model.default_method
@@ -191,7 +202,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
         def transcribe(audio):  # noqa: ANN001, ANN202
             return onnx_model.infer(audio[None], np.array([len(audio)]), method=method)[0]
     else:
-        model = load_checkpoint(args.ckpt)
+        model = _load_with_search(args)
         fusion = _fusion(args)
         method = args.method
         if fusion is not None:
@@ -280,6 +291,14 @@ def cmd_recipe(args: argparse.Namespace) -> None:
     run_recipe(args.corpus, args.out, args.exp, plan=plan, overrides=args.set,
                corpus_summary=args.summary or f"manifests in {args.corpus}",
                title=args.title, configs=configs)
+
+
+def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--beam-size", type=int, default=None,
+                        help="beam size of the beam searches (default: the model's)")
+    parser.add_argument("--ctc-weight", type=float, default=None,
+                        help="weight of the CTC prefix score in attention_beam "
+                        "(joint CTC/attention search; default: the model's)")
 
 
 def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
@@ -431,6 +450,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--rtfx", action="store_true",
                           help="time each batch 3 more times and report the fastest (RTFx as in "
                                "the reports); without it RTFx is that of the one decoding pass")
+    _add_search_arguments(evaluate)
     _add_lm_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
 
@@ -464,6 +484,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run an `asrkd export` ONNX file with onnxruntime instead of --ckpt")
     infer.add_argument("--out", default=None, help="write JSONL with text and timing")
     infer.add_argument("--threads", type=int, default=2)
+    _add_search_arguments(infer)
     _add_lm_arguments(infer)
     infer.set_defaults(func=cmd_infer)
 

@@ -57,6 +57,10 @@ class DecodingConfig:
     def __post_init__(self) -> None:
         if self.method not in DECODING_METHODS:
             raise ConfigError(f"decoding method {self.method!r} not in {DECODING_METHODS}")
+        if self.beam_size < 1:
+            raise ConfigError(f"decoding beam_size must be >= 1, got {self.beam_size}")
+        if not 0.0 <= self.ctc_weight <= 1.0:
+            raise ConfigError(f"decoding ctc_weight must be within [0, 1], got {self.ctc_weight}")
 
 
 @dataclass(frozen=True)
@@ -265,6 +269,17 @@ class E2EASR(nn.Module):
                 encoded.output, encoded.lengths, targets, target_lengths
             )
         return output
+
+    def set_decoding(self, **changes: object) -> None:
+        """Change the default search of :meth:`infer` (fields of :class:`DecodingConfig`:
+        ``method``, ``beam_size``, ``ctc_weight``, ``length_penalty``); ``None`` values keep
+        the current setting. Saved with the model by the next checkpoint."""
+        changes = {name: value for name, value in changes.items() if value is not None}
+        if not changes:
+            return
+        if self.config is None:
+            raise ConfigError("this model has no ModelConfig to hold decoding settings")
+        self.config = replace(self.config, decoding=replace(self.config.decoding, **changes))
 
     def default_method(self) -> str:
         method = self.config.decoding.method if self.config is not None else "auto"
