@@ -11,12 +11,13 @@ alignment in the (T, U+1) lattice (Graves, 2012). Layout and semantics follow
 
 How it is computed:
 
-* Only (B, T, U+1, 2) values are ever taken from the big (B, T, U+1, V) tensor: the blank and
-  the next-target log-prob of each cell. The log-softmax is *fused*. In training the forward
-  pass keeps exp(logit - max) of every cell (computed chunk by chunk of utterances, while the
-  chunk is in cache) with its sum, and the backward pass turns that buffer into the gradient
-  in place: peak memory is the logits plus one logits-sized buffer, and no log-prob tensor or
-  second softmax ever exists. In evaluation nothing V-sized is kept.
+* Only (B, T, U+1, 2) values of the big (B, T, U+1, V) tensor enter the lattice: the blank
+  and the next-target log-prob of each cell. In training the forward pass keeps the log-softmax
+  of every cell (one fused kernel; a max, subtract, exp and sum written out are four passes,
+  their reductions over the short V axis the slow part), and the backward pass exponentiates
+  that buffer in place and turns it into the gradient: peak memory is the logits plus one
+  logits-sized buffer, and no second softmax is computed. In evaluation nothing V-sized is
+  kept.
 * The forward variables alpha are computed one anti-diagonal (t + u = n) at a time: every cell
   of a diagonal depends only on the previous one, so the lattice takes T + U steps of three
   small vectorised operations, in float32 (nothing cancels).
@@ -163,27 +164,6 @@ def _edge_index(targets: Tensor, target_lengths: Tensor, blank: int) -> Tensor:
     return torch.stack([blank_ids, label_ids], dim=2).unsqueeze(1)
 
 
-def _shifted_exps(logits: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor]:
-    """exp(logit - max) of every cell, with each cell's sum and max (its softmax, unnormalised).
-
-    Computed chunk by chunk of utterances, so that the subtract, exp and sum of a chunk run
-    while it is in cache.
-
-    Returns:
-        exps (B, T, U+1, V), norms (B, T, U+1) = exps.sum(-1), peaks (B, T, U+1), in ``dtype``.
-    """
-    exps = torch.empty(logits.shape, dtype=dtype, device=logits.device)
-    norms = torch.empty(logits.shape[:3], dtype=dtype, device=logits.device)
-    peaks = torch.empty(logits.shape[:3], dtype=dtype, device=logits.device)
-    for part in _batch_chunks(logits):
-        chunk = logits[part].to(dtype)
-        torch.amax(chunk, dim=3, out=peaks[part])
-        torch.sub(chunk, peaks[part].unsqueeze(3), out=exps[part])
-        exps[part].exp_()
-        torch.sum(exps[part], dim=3, out=norms[part])
-    return exps, norms, peaks
-
-
 class _RNNTLoss(torch.autograd.Function):
     """Per-utterance RNN-T costs with an analytic gradient (see the module docstring)."""
 
@@ -209,15 +189,15 @@ class _RNNTLoss(torch.autograd.Function):
         # label of every cell, taken with a single gather.
         edge_index = _edge_index(targets, u_len, blank)
         index = edge_index.expand(batch, frames, cols, 2)
-        exps = norms = None
+        log_probs = None
         if not fused_log_softmax:
             edges = logits.gather(3, index).to(work_dtype)
         elif need_grad:
-            # Training: keep exp(logit - max) of every cell, as the backward pass needs the
+            # Training: keep the log-softmax of every cell, as the backward pass needs the
             # softmax and this buffer becomes the gradient in place (peak memory: the logits
             # plus one logits-sized buffer, as for any loss; no softmax is recomputed).
-            exps, norms, peaks = _shifted_exps(logits, work_dtype)
-            edges = logits.gather(3, index).to(work_dtype) - (peaks + norms.log()).unsqueeze(3)
+            log_probs = torch.log_softmax(logits, dim=3, dtype=work_dtype)
+            edges = log_probs.gather(3, index)
         else:
             # Evaluation: nothing V-sized is kept; one fused log_softmax kernel per chunk (each
             # chunk's temporary is small enough to be reused by the allocator).
@@ -269,9 +249,9 @@ class _RNNTLoss(torch.autograd.Function):
         occupancy = torch.exp(alpha.unsqueeze(3) - log_like.view(-1, 1, 1, 1) + edges + after)
 
         ctx.save_for_backward(edge_index, occupancy, logits)
-        # The softmax buffer is not a saved tensor: the first backward consumes it (it becomes
+        # The log-softmax buffer is not a saved tensor: the first backward consumes it (it becomes
         # the gradient), so it is held on ctx and dropped there.
-        ctx.exps, ctx.norms = exps, norms
+        ctx.log_probs = log_probs
         ctx.clamp = clamp
         ctx.fused = fused_log_softmax
         return (-log_like).to(logits.dtype)
@@ -286,15 +266,16 @@ class _RNNTLoss(torch.autograd.Function):
             # Fold the chain rule into the small tensor instead of a full-size multiply.
             occupancy = occupancy * scale
         # d(-log P)/d logit_k = softmax_k * occupancy(cell) - occ_blank [k = blank]
-        #                       - occ_label [k = target], with softmax_k = exps_k / norm.
-        if ctx.exps is not None:
-            grad = ctx.exps.mul_((occupancy.sum(dim=3) / ctx.norms).unsqueeze(3))
-            ctx.exps = ctx.norms = None
+        #                       - occ_label [k = target].
+        if ctx.log_probs is not None:
+            grad = ctx.log_probs.exp_().mul_(occupancy.sum(dim=3).unsqueeze(3))
+            ctx.log_probs = None
         elif ctx.fused:
             # A second backward through the same graph (retain_graph=True, gradcheck): the
-            # buffer became the first gradient, so recompute the softmax.
-            grad, norms, _ = _shifted_exps(logits, occupancy.dtype)
-            grad.mul_((occupancy.sum(dim=3) / norms).unsqueeze(3))
+            # buffer became the first gradient, so recompute it (the same kernels, so both
+            # backward passes give identical values).
+            grad = torch.log_softmax(logits, dim=3, dtype=occupancy.dtype).exp_()
+            grad.mul_(occupancy.sum(dim=3).unsqueeze(3))
         else:
             # Log-probabilities came in (fused_log_softmax=False): only the two edges per cell.
             grad = torch.zeros(logits.shape, dtype=occupancy.dtype, device=logits.device)
