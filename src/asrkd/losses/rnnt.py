@@ -19,7 +19,7 @@ How it is computed:
   logits-sized buffer, and no second softmax is computed. In evaluation nothing V-sized is
   kept.
 * The forward variables alpha are computed one anti-diagonal (t + u = n) at a time: every cell
-  of a diagonal depends only on the previous one, so the lattice takes T + U steps of three
+  of a diagonal depends only on the previous one, so the lattice takes T + U steps of two
   small vectorised operations, in float32 (nothing cancels).
 * The backward variables beta are the forward variables of the per-utterance reversed lattice,
   computed in the same batched recursion as alpha (2B rows, one Python loop). The gradient is
@@ -78,7 +78,7 @@ def _forward_variables(blank_lp: Tensor, label_lp: Tensor) -> Tensor:
     alpha[t, u] = logaddexp(alpha[t-1, u] + blank_lp[t-1, u], alpha[t, u-1] + label_lp[t, u-1]).
 
     Every cell of the anti-diagonal t + u = n depends only on diagonal n - 1, so the lattice
-    takes T + U steps of three small vectorised operations each (two adds and a logaddexp),
+    takes T + U steps of two small vectorised operations each (one add and a logaddexp),
     with no cumulative sums: nothing cancels, and the recursion is exact in float32. (A
     row-by-row scan needs only min(T, U+1) steps, but each is a sequential ``logcumsumexp``
     along the other side, ~30 ns per element on CPU, and its closed form needs float64.)
@@ -99,17 +99,20 @@ def _forward_variables(blank_lp: Tensor, label_lp: Tensor) -> Tensor:
     # Column 0 of ``diag`` is a -inf border, so that "the cell to the left" is a plain slice.
     diag = blank_lp.new_full((rows, diagonals, cols + 1), neg_inf)
     diag[:, 0, 1] = 0.0
-    stay = blank_lp.new_empty(rows, cols)
-    move = blank_lp.new_empty(rows, cols)
-    # Every per-diagonal view is made up front by one unbind each, so the loop body is the
-    # three kernels alone (slicing inside the loop cost as much as the arithmetic).
+    # Both moves into a diagonal in one add: ``windows[n][:, 0]`` is the cell left of each
+    # column on diagonal n and ``windows[n][:, 1]`` the cell itself (two overlapping views of
+    # one row of ``diag``), and ``moves`` holds their edge weights in the same order.
+    windows = diag.as_strided(
+        (rows, diagonals, 2, cols), (diag.stride(0), diag.stride(1), 1, 1)
+    ).unbind(1)
+    moves = torch.stack([label_in, blank_sk], dim=2).unbind(1)
     cells = diag[..., 1:].unbind(1)  # diagonal n, columns 0..U
-    left = diag[..., :-1].unbind(1)  # diagonal n, the cell left of each column
-    blank_in = blank_sk.unbind(1)
-    label_into = label_in.unbind(1)
+    both = blank_lp.new_empty(rows, 2, cols)
+    move, stay = both.unbind(1)
+    # Every per-diagonal view is made up front, so the loop body is two kernels alone
+    # (slicing inside the loop cost as much as the arithmetic).
     for n in range(1, diagonals):
-        torch.add(cells[n - 1], blank_in[n - 1], out=stay)
-        torch.add(left[n - 1], label_into[n - 1], out=move)
+        torch.add(windows[n - 1], moves[n - 1], out=both)
         torch.logaddexp(stay, move, out=cells[n])
     return _unskew(diag[..., 1:], frames)
 
