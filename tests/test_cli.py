@@ -115,12 +115,12 @@ def test_quick_demo_writes_report_and_metrics(tmp_path):
 
 
 @pytest.mark.slow
-def test_fsdd_recipe_quick(tmp_path, fsdd_dir):
+def test_fsdd_recipe_quick(tmp_path, fsdd_dir, an4_dir):
     # Two of the five leave-one-speaker-out folds: enough to check the per-fold splits and
     # the aggregation over folds.
     process = subprocess.run(
         [sys.executable, "recipes/fsdd/run.py", "--quick", "--shared", str(fsdd_dir),
-         "--folds", "george,lucas",
+         "--an4-dir", str(an4_dir), "--folds", "george,lucas",
          "--out", str(tmp_path / "report"), "--exp", str(tmp_path / "exp")],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )

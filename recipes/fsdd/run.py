@@ -340,9 +340,11 @@ def main() -> None:
                              "../shared/data/an4)")
     parser.add_argument("--no-pretrain", dest="pretrain", action="store_false",
                         help="train every model on FSDD alone, from scratch (the old recipe)")
-    parser.add_argument("--an4-dir", type=Path, default=ROOT.parent / "shared" / "data" / "an4",
-                        help="AN4 for pretraining (default: ../shared/data/an4)")
+    parser.add_argument("--an4-dir", type=Path, default=None,
+                        help="AN4 for pretraining (default: an4/ beside the --shared folder)")
     args = parser.parse_args()
+    if args.an4_dir is None:  # the shared data folder holds both corpora, wherever it is
+        args.an4_dir = args.shared.parent / "an4"
     if args.pretrain and not (args.an4_dir / "manifest_train.jsonl").is_file():
         raise SystemExit(f"AN4 not found at {args.an4_dir} (pass --an4-dir PATH, or "
                          "--no-pretrain)")
