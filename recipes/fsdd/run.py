@@ -334,17 +334,21 @@ def main() -> None:
     parser.add_argument("--synthetic", type=int, default=0,
                         help="synthetic spoken digits added to training (default 0: real "
                              "speech only)")
-    parser.add_argument("--an4", nargs="?", type=Path, const=ROOT.parent / "shared" / "data"
-                        / "an4", default=None, metavar="AN4_DIR",
+    parser.add_argument("--an4", nargs="?", type=Path, const=True, default=None,
+                        metavar="AN4_DIR",
                         help="add AN4's training set (at 8 kHz) to training (default folder: "
-                             "../shared/data/an4)")
+                             "an4/ beside the --shared folder)")
     parser.add_argument("--no-pretrain", dest="pretrain", action="store_false",
                         help="train every model on FSDD alone, from scratch (the old recipe)")
     parser.add_argument("--an4-dir", type=Path, default=None,
                         help="AN4 for pretraining (default: an4/ beside the --shared folder)")
     args = parser.parse_args()
-    if args.an4_dir is None:  # the shared data folder holds both corpora, wherever it is
-        args.an4_dir = args.shared.parent / "an4"
+    # The shared data folder holds both corpora, wherever it is: both AN4 options default to
+    # the an4/ beside FSDD's folder.
+    beside = args.shared.parent / "an4"
+    args.an4_dir = args.an4_dir or beside
+    if args.an4 is True:  # --an4 given without a folder
+        args.an4 = beside
     if args.pretrain and not (args.an4_dir / "manifest_train.jsonl").is_file():
         raise SystemExit(f"AN4 not found at {args.an4_dir} (pass --an4-dir PATH, or "
                          "--no-pretrain)")
