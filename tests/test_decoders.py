@@ -202,6 +202,18 @@ def test_decoder_shapes_and_causality():
     assert not torch.allclose(logits[:, k + 1], logits2[:, k + 1])
 
 
+@pytest.mark.parametrize("d_model", [32, 176, 512])
+def test_decoder_inputs_weigh_token_and_position_alike(d_model):
+    # The token embedding is multiplied by sqrt(d) on input; initialised at N(0, 1) it would
+    # be sqrt(d) times the positions' size and the decoder nearly blind to where it is (it
+    # looped on repeated spelled letters). Both must start at a comparable scale.
+    torch.manual_seed(0)
+    dec = _tiny_decoder(d_model=d_model, encoder_dim=d_model, n_heads=4, ff_dim=4 * d_model)
+    tokens = (dec.embed.weight * dec.embed_scale).pow(2).mean().sqrt()
+    positions = dec.positions[:64].pow(2).mean().sqrt()
+    assert 0.5 < float(tokens / positions) < 2.0
+
+
 def test_decoder_padding_invariance():
     torch.manual_seed(0)
     dec = _tiny_decoder(encoder_dim=32).eval()  # also the no-projection path
@@ -313,6 +325,10 @@ def test_joint_score_is_combination_of_att_and_ctc():
         tl = torch.tensor([len(h.tokens)])
         logits = dec(enc[b : b + 1, :n], enc_len[b : b + 1], t, tl)
         _, dec_out, _ = make_decoder_io(t, tl, 2, 3, 1)
-        att = float(logits.log_softmax(-1)[0].gather(-1, dec_out[0, :, None]).sum())
+        # Only the hypothesis' tokens and its eos count (an empty one is a placeholder token
+        # plus eos, whose padded second position must not enter the sum).
+        steps = len(h.tokens) + 1
+        token_lp = logits.log_softmax(-1)[0].gather(-1, dec_out[0, :, None])[:steps]
+        att = float(token_lp.sum())
         ctc = _seq_log_prob(ctc_lp[b], n, h.tokens)
         assert h.score == pytest.approx((1 - w) * att + w * ctc, abs=1e-3)

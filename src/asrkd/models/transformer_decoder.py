@@ -213,6 +213,12 @@ class TransformerDecoder(nn.Module):
         self.config = config
         d = config.d_model
         self.embed = nn.Embedding(config.vocab_size, d)
+        # Token embeddings are scaled by sqrt(d) on input, so they start at std d^-0.5 (unit rms
+        # after scaling, as in Vaswani et al. and fairseq). nn.Embedding's default N(0, 1)
+        # would make them sqrt(d) times larger than the sinusoidal positions (13x at d = 176),
+        # leaving the decoder nearly blind to position: it then cannot tell the second "s" of
+        # a spelled "s s w" from the first and loops on repeated tokens.
+        nn.init.normal_(self.embed.weight, std=d**-0.5)
         self.embed_scale = math.sqrt(d)
         self.register_buffer("positions", sinusoidal_positions(config.max_len, d), persistent=False)
         self.input_proj = (
