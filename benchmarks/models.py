@@ -23,7 +23,10 @@ and measured on CPU with a fixed thread count (2 by default):
 
 It also times :func:`asrkd.losses.rnnt_loss` forward + backward against
 ``F.ctc_loss`` (with its log-softmax) at B=8, T=125, U=40, V=33 and reports the ratio
-``rnnt_over_ctc``. ``--quick`` shrinks every shape for a smoke test (numbers meaningless).
+``rnnt_over_ctc``; and the joint network + RNN-T loss at B=8, T=125, U=30, V=256, J=320
+with the lattice materialised (``rnnt_loss``) vs fused (``rnnt_joint_loss``): time, and the
+peak memory one step adds, in fresh processes (``rnnt_joint``). ``--quick`` shrinks every
+shape for a smoke test (numbers meaningless).
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ import argparse
 import json
 import os
 import platform
+import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,10 +48,11 @@ import torch.nn.functional as F
 
 from asrkd.bench import BenchPlan, count_flops, peak_rss_of_training, rtfx
 from asrkd.data.tokenizer import CharTokenizer
-from asrkd.losses import ASRLoss, rnnt_loss
+from asrkd.losses import ASRLoss, rnnt_joint_loss, rnnt_loss
 from asrkd.models.e2e_asr import E2EASR, build_model
 from asrkd.models.presets import PRESETS
-from asrkd.utils.timing import best_time, cpu_model
+from asrkd.models.rnnt import JointNetwork, RNNTConfig
+from asrkd.utils.timing import best_time, cpu_model, peak_rss_mb
 
 SAMPLE_RATE = 16000
 DEFAULT_PRESETS = (
@@ -77,6 +83,12 @@ class Shapes:
     loss_labels: int = 40
     loss_vocab: int = 33
     loss_repeats: int = 10
+    # Joint network + RNN-T loss, whole lattice vs fused (the RNN-T issue's memory shape).
+    joint_batch: int = 8
+    joint_frames: int = 125
+    joint_labels: int = 30
+    joint_vocab: int = 256
+    joint_dim: int = 320
 
     @classmethod
     def quick(cls) -> Shapes:
@@ -91,6 +103,11 @@ class Shapes:
             loss_frames=16,
             loss_labels=5,
             loss_repeats=2,
+            joint_batch=2,
+            joint_frames=16,
+            joint_labels=5,
+            joint_vocab=16,
+            joint_dim=8,
         )
 
 
@@ -171,6 +188,70 @@ def rnnt_over_ctc(shapes: Shapes) -> dict[str, float]:
     return {"rnnt_s": rnnt_s, "ctc_s": ctc_s, "ratio": rnnt_s / ctc_s}
 
 
+JOINT_VARIANTS = ("materialised", "fused")
+
+
+def _joint_setup(shapes: Shapes) -> tuple:
+    """A training-mode joint network (dropout 0.1) and its lattice inputs at ``joint_*``."""
+    b, t, u = shapes.joint_batch, shapes.joint_frames, shapes.joint_labels
+    torch.manual_seed(0)
+    config = RNNTConfig(vocab_size=shapes.joint_vocab, encoder_dim=shapes.joint_dim,
+                        pred_dim=shapes.joint_dim, joint_dim=shapes.joint_dim)
+    joint = JointNetwork(config).train()
+    enc = torch.randn(b, t, shapes.joint_dim).requires_grad_()
+    pred = torch.randn(b, u + 1, shapes.joint_dim).requires_grad_()
+    targets = torch.randint(1, shapes.joint_vocab, (b, u), dtype=torch.int32)
+    t_len = torch.full((b,), t, dtype=torch.int32)
+    u_len = torch.full((b,), u, dtype=torch.int32)
+    return joint, enc, pred, targets, t_len, u_len
+
+
+def _joint_step(variant: str, setup: tuple) -> None:
+    """One forward + backward of the joint network and the RNN-T loss."""
+    joint, enc, pred, targets, t_len, u_len = setup
+    enc.grad = pred.grad = None
+    joint.zero_grad(set_to_none=True)
+    if variant == "fused":
+        loss = rnnt_joint_loss(joint.combine, enc, pred, targets, t_len, u_len)
+    else:
+        loss = rnnt_loss(joint.combine(enc.unsqueeze(2), pred.unsqueeze(1)), targets, t_len,
+                         u_len)
+    loss.backward()
+
+
+def _joint_memory_child(variant: str, shapes: Shapes) -> dict[str, float]:
+    """Peak RSS a joint + loss step adds over its inputs: one warm-up step (the allocator's
+    and thread pools' one-off growth), then the high-water mark is reset
+    (``/proc/self/clear_refs``) and a second step measured."""
+    setup = _joint_setup(shapes)
+    _joint_step(variant, setup)
+    Path("/proc/self/clear_refs").write_text("5")
+    before = peak_rss_mb()
+    _joint_step(variant, setup)
+    return {"step_mb": round(peak_rss_mb() - before, 1)}
+
+
+def rnnt_joint_costs(shapes: Shapes) -> dict[str, dict[str, float]]:
+    """Joint network + RNN-T loss forward + backward, with the whole (B, T, U+1, V) lattice
+    materialised (``rnnt_loss``) and fused (``rnnt_joint_loss``): best time in this process,
+    and the memory a step adds, each in a fresh process with glibc told to return every block
+    >= 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so that freed memory leaves RSS."""
+    setup = _joint_setup(shapes)
+    results = {}
+    for variant in JOINT_VARIANTS:
+        command = [sys.executable, __file__, "--joint-memory-child", variant,
+                   "--threads", str(torch.get_num_threads())] + (
+            ["--quick"] if shapes == Shapes.quick() else [])
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        child = subprocess.run(command, capture_output=True, text=True, check=True, env=env,
+                               timeout=600)
+        results[variant] = {
+            "seconds": best_time(partial(_joint_step, variant, setup), shapes.loss_repeats),
+            **json.loads(child.stdout.strip().splitlines()[-1]),
+        }
+    return results
+
+
 def machine_info(threads: int) -> dict[str, object]:
     """Where the numbers came from, including the load other processes put on the machine."""
     return {
@@ -205,7 +286,8 @@ def benchmark_preset(name: str, shapes: Shapes) -> dict[str, float]:
     }
 
 
-def print_table(results: dict[str, dict[str, float]], loss: dict[str, float]) -> None:
+def print_table(results: dict[str, dict[str, float]], loss: dict[str, float],
+                joint: dict[str, dict[str, float]] | None = None) -> None:
     """Readable summary with rich."""
     from rich.console import Console
     from rich.table import Table
@@ -231,6 +313,10 @@ def print_table(results: dict[str, dict[str, float]], loss: dict[str, float]) ->
         f"rnnt_loss fwd+bwd {loss['rnnt_s'] * 1e3:.2f} ms vs F.ctc_loss {loss['ctc_s'] * 1e3:.2f}"
         f" ms -> rnnt_over_ctc = {loss['ratio']:.2f}"
     )
+    if joint:
+        console.print("joint + RNN-T loss fwd+bwd: " + "; ".join(
+            f"{name} {row['seconds'] * 1e3:.1f} ms, +{row['step_mb']:.1f} MB peak"
+            for name, row in joint.items()))
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -244,7 +330,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     parser.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeats", type=int, help="timed runs of fwd and fwd+bwd")
+    parser.add_argument("--joint-memory-child", choices=JOINT_VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.joint_memory_child:
+        torch.set_num_threads(args.threads)
+        shapes = Shapes.quick() if args.quick else Shapes()
+        result = _joint_memory_child(args.joint_memory_child, shapes)
+        print(json.dumps(result))
+        return result
 
     names = [n.strip() for n in args.presets.split(",") if n.strip()]
     unknown = [n for n in names if n not in PRESETS]
@@ -260,6 +353,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         load_before = list(os.getloadavg())
         results = {name: benchmark_preset(name, shapes) for name in names}
         loss = rnnt_over_ctc(shapes)
+        joint = rnnt_joint_costs(shapes)
         machine = machine_info(args.threads)
         machine["loadavg_before"] = load_before
     finally:
@@ -274,12 +368,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             "shape": {"B": shapes.loss_batch, "T": shapes.loss_frames,
                       "U": shapes.loss_labels, "V": shapes.loss_vocab},
         },
+        "rnnt_joint": {
+            **joint,
+            "shape": {"B": shapes.joint_batch, "T": shapes.joint_frames,
+                      "U": shapes.joint_labels, "V": shapes.joint_vocab, "J": shapes.joint_dim},
+        },
         "shapes": shapes.__dict__,
         "quick": args.quick,
         "machine": machine,
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    print_table(results, loss)
+    print_table(results, loss, joint)
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(report, indent=2) + "\n")

@@ -39,6 +39,10 @@ def test_models_benchmark_quick_writes_json(tmp_path: Path) -> None:
         assert row[key] > 0, key
     assert 0 < row["frontend_flops_share"] < 1  # student_cpu has a ResNet1D frontend
     assert report["rnnt_over_ctc"] > 0
+    joint = report["rnnt_joint"]
+    for variant in ("materialised", "fused"):
+        assert joint[variant]["seconds"] > 0
+        assert isinstance(joint[variant]["step_mb"], float)  # from a fresh process
     machine = report["machine"]
     assert machine["threads"] == 2
     assert machine["torch_version"] and machine["cpu_model"]

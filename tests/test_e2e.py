@@ -13,7 +13,7 @@ import torch
 
 from asrkd.data.audio_processing import SpecAugmentConfig
 from asrkd.data.tokenizer import CharTokenizer
-from asrkd.losses import ASRLoss
+from asrkd.losses import ASRLoss, ASRLossConfig, Supervised
 from asrkd.models.common import pad_sequences
 from asrkd.models.e2e_asr import (
     E2EASR,
@@ -79,6 +79,33 @@ def test_forward_loss_and_every_decoding_method(decoder):
     with pytest.raises(ValueError, match="does not fit"):
         model.infer(audio, lengths, method="rnnt_greedy" if decoder != "rnnt" else
                     "attention_greedy")
+
+
+def test_fused_rnnt_joint_training_matches_materialised_lattice():
+    # training.asr_loss.rnnt_fused_joint: the same loss and gradients for every parameter,
+    # with the (B, T', U+1, V) lattice evaluated block by block inside the loss.
+    tokenizer = CharTokenizer.english()
+    audio, lengths = random_batch()
+    targets = torch.full((2, 11), tokenizer.pad_id)
+    targets[0] = torch.tensor(tokenizer.encode("hello there"))
+    targets[1, :2] = torch.tensor(tokenizer.encode("hi"))
+    target_lengths = torch.tensor([11, 2])
+    results = {}
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = build_model(tiny_config("rnnt"), tokenizer).eval()
+        objective = Supervised(model, ASRLoss(ASRLossConfig(rnnt_fused_joint=fused)))
+        parts = objective(audio, lengths, targets, target_lengths)
+        parts["total"].backward()
+        results[fused] = (parts, {n: p.grad for n, p in model.named_parameters()
+                                  if p.grad is not None})
+    (plain, plain_grads), (fused_parts, fused_grads) = results[False], results[True]
+    torch.testing.assert_close(fused_parts["rnnt"], plain["rnnt"])
+    torch.testing.assert_close(fused_parts["total"], plain["total"])
+    assert fused_grads.keys() == plain_grads.keys()
+    assert any(name.startswith("decoder.joint.output") for name in fused_grads)
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
 
 
 def test_presets_sizes():

@@ -15,8 +15,9 @@ import torch.nn.functional as F
 
 from asrkd.decoding.rnnt import rnnt_beam, rnnt_greedy
 from asrkd.losses import rnnt_loss
+from asrkd.losses.rnnt import rnnt_joint_loss
 from asrkd.models.common import Hypothesis
-from asrkd.models.rnnt import RNNTConfig, RNNTransducer
+from asrkd.models.rnnt import JointNetwork, RNNTConfig, RNNTransducer
 
 # ----------------------------------------------------------------------------- references
 
@@ -268,6 +269,85 @@ def test_gradient_clamp() -> None:
     logits = (logits * 5).requires_grad_(True)
     rnnt_loss(logits, targets, t_len, u_len, clamp=0.05, reduction="sum").backward()
     assert logits.grad.abs().max() <= 0.05 + 1e-12
+
+
+# ----------------------------------------------------------------------------- fused joint loss
+
+
+def _joint_batch(frame_lengths: list[int], label_lengths: list[int], vocab: int = 7,
+                 dropout: float = 0.0, seed: int = 0):
+    """A float64 joint network, projected inputs that require grad, and padded targets."""
+    torch.manual_seed(seed)
+    joint = JointNetwork(RNNTConfig(vocab_size=vocab, encoder_dim=6, pred_dim=6, joint_dim=5,
+                                    dropout=dropout)).double()
+    batch, frames, labels = len(frame_lengths), max(frame_lengths), max(label_lengths)
+    enc = torch.randn(batch, frames, 5, dtype=torch.float64, requires_grad=True)
+    pred = torch.randn(batch, labels + 1, 5, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(1, vocab, (batch, labels))
+    return joint, enc, pred, targets, torch.tensor(frame_lengths), torch.tensor(label_lengths)
+
+
+# 1: one frame per block; 4: frame ranges of one utterance; 30: whole utterances, one or two
+# per block; 10**6: the whole batch in one block.
+@pytest.mark.parametrize("block_cells", [1, 4, 30, 10**6])
+def test_fused_joint_loss_equals_loss_on_materialised_logits(block_cells: int) -> None:
+    joint, enc, pred, targets, t_len, u_len = _joint_batch([6, 3, 1, 5], [3, 0, 2, 3])
+    inputs = [enc, pred, *joint.output.parameters()]
+    reference = rnnt_loss(joint.combine(enc[:, :, None], pred[:, None]), targets, t_len, u_len,
+                          reduction="none")
+    expected = torch.autograd.grad(reference.sum() * 1.0 + reference[0], inputs)
+    fused = rnnt_joint_loss(joint.combine, enc, pred, targets, t_len, u_len, reduction="none",
+                            block_cells=block_cells)
+    torch.testing.assert_close(fused, reference)
+    got = torch.autograd.grad(fused.sum() * 1.0 + fused[0], inputs)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        evaluated = rnnt_joint_loss(joint.combine, enc, pred, targets, t_len, u_len,
+                                    reduction="none", block_cells=block_cells)
+    torch.testing.assert_close(evaluated, reference.detach())
+
+
+def test_fused_joint_loss_gradcheck() -> None:
+    joint, enc, pred, targets, t_len, u_len = _joint_batch([3, 2], [2, 1], vocab=4, seed=3)
+
+    def loss_fn(e: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return rnnt_joint_loss(joint.combine, e, p, targets, t_len, u_len, reduction="none",
+                               block_cells=2)
+
+    assert torch.autograd.gradcheck(loss_fn, (enc, pred))
+
+
+def test_fused_joint_loss_replays_the_dropout_mask() -> None:
+    # Training mode with dropout: the recomputed blocks must use the forward pass's masks, so
+    # the gradient is that of the loss actually returned. Check it with a directional
+    # derivative: (L(w + h d) - L(w - h d)) / 2h under the same seed equals grad . d.
+    joint, enc, pred, targets, t_len, u_len = _joint_batch([5, 4], [3, 2], dropout=0.5, seed=4)
+    weight = joint.output.weight
+
+    def loss_at(seed: int) -> torch.Tensor:
+        torch.manual_seed(seed)
+        return rnnt_joint_loss(joint.combine, enc, pred, targets, t_len, u_len, block_cells=5)
+
+    (grad,) = torch.autograd.grad(loss_at(0), [weight])
+    direction = torch.randn_like(weight)
+    step = 1e-6
+    with torch.no_grad():
+        weight.add_(step * direction)
+        up = loss_at(0)
+        weight.sub_(2 * step * direction)
+        down = loss_at(0)
+        weight.add_(step * direction)
+    torch.testing.assert_close((up - down) / (2 * step), (grad * direction).sum(),
+                               rtol=1e-5, atol=1e-7)
+
+
+def test_fused_joint_loss_validates_shapes() -> None:
+    joint, enc, pred, targets, t_len, u_len = _joint_batch([3, 2], [2, 1])
+    with pytest.raises(ValueError, match="shapes disagree"):
+        rnnt_joint_loss(joint.combine, enc, pred[:, :2], targets, t_len, u_len)
+    with pytest.raises(ValueError, match="lengths out of range"):
+        rnnt_joint_loss(joint.combine, enc, pred, targets, torch.tensor([4, 2]), u_len)
 
 
 # ----------------------------------------------------------------------------- timing helper

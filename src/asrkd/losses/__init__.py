@@ -2,7 +2,8 @@
 
 - :func:`ctc_loss` (:mod:`asrkd.losses.ctc`), :func:`label_smoothed_ce`
   (:mod:`asrkd.losses.attention`), :func:`rnnt_loss` (:mod:`asrkd.losses.rnnt`): the
-  per-decoder supervised losses, all in nats per utterance by default.
+  per-decoder supervised losses, all in nats per utterance by default;
+  :func:`rnnt_joint_loss` is the RNN-T loss with the joint network fused in (memory-lean).
 - :class:`ASRLoss` / :class:`ASRLossConfig` (:mod:`asrkd.losses.asr`): their weighted sum on an
   :class:`~asrkd.models.e2e_asr.ASROutput`; :class:`Supervised` is the training objective
   without a teacher.
@@ -24,7 +25,7 @@ from asrkd.losses.kd import (
     build_kd_loss,
     check_kd_compatibility,
 )
-from asrkd.losses.rnnt import rnnt_loss
+from asrkd.losses.rnnt import rnnt_joint_loss, rnnt_loss
 
 __all__ = [
     "KD_LOSSES",
@@ -39,5 +40,6 @@ __all__ = [
     "check_kd_compatibility",
     "ctc_loss",
     "label_smoothed_ce",
+    "rnnt_joint_loss",
     "rnnt_loss",
 ]

@@ -10,7 +10,7 @@ from torch import nn
 from asrkd.errors import ConfigError
 from asrkd.losses.attention import label_smoothed_ce
 from asrkd.losses.ctc import ctc_loss
-from asrkd.losses.rnnt import rnnt_loss
+from asrkd.losses.rnnt import rnnt_joint_loss, rnnt_loss
 from asrkd.models.e2e_asr import ASROutput
 from asrkd.models.transformer_decoder import make_decoder_io
 
@@ -34,6 +34,11 @@ class ASRLossConfig:
     attention_reduction: str = "utterance"
     # With intermediate CTC (model.inter_ctc_layers): ctc = (1 - w) * final + w * mean(inter).
     inter_ctc_weight: float = 0.3
+    # RNN-T models trained without KD: evaluate the joint network block by block inside the
+    # loss (rnnt_joint_loss) instead of materialising the (B, T, U+1, V) lattice. Same loss
+    # and gradients in a fraction of the memory, for a second joint forward pass. With KD the
+    # student's lattice is materialised anyway (the transducer KD losses read it).
+    rnnt_fused_joint: bool = False
 
     def __post_init__(self) -> None:
         if self.attention_reduction not in ("utterance", "token"):
@@ -96,6 +101,17 @@ class ASRLoss(nn.Module):
                 target_lengths.int(),
             )
             parts["rnnt"] = decoder_loss
+        elif output.decoder_type == "rnnt" and output.rnnt_joint is not None:
+            joint = output.rnnt_joint
+            decoder_loss = rnnt_joint_loss(
+                joint.joint.combine,
+                joint.encoder_proj,
+                joint.pred_proj,
+                targets.int(),
+                output.encoder_lengths.int(),
+                target_lengths.int(),
+            )
+            parts["rnnt"] = decoder_loss
         if decoder_loss is None:
             parts["total"] = parts["ctc"]
         elif "ctc" not in parts:
@@ -118,5 +134,6 @@ class Supervised(nn.Module):
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: torch.Tensor,
                 target_lengths: torch.Tensor, keys: list[str] | None = None
                 ) -> dict[str, torch.Tensor]:
-        output = self.model(audio, audio_lengths, targets, target_lengths)
+        fused = {"rnnt_logits": False} if self.asr_loss.config.rnnt_fused_joint else {}
+        output = self.model(audio, audio_lengths, targets, target_lengths, **fused)
         return self.asr_loss(output, targets, target_lengths)

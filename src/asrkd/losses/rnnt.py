@@ -30,10 +30,12 @@ How it is computed:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
-__all__ = ["rnnt_loss"]
+__all__ = ["rnnt_joint_loss", "rnnt_loss"]
 
 # Floor for log-probabilities entering the lattice recursion. A log-prob of -inf (a masked
 # logit) could make log P itself -inf, and the occupancies exp(... - log P) would be
@@ -44,6 +46,9 @@ _LOG_PROB_FLOOR = -1.0e4
 # kernel launches.
 _CHUNK_ELEMENTS_CPU = 1 << 18
 _CHUNK_ELEMENTS_ACCEL = 1 << 26
+# Lattice cells per block of :func:`rnnt_joint_loss` (each cell: J hidden and V logit values).
+_BLOCK_CELLS_CPU = 1 << 12
+_BLOCK_CELLS_ACCEL = 1 << 18
 
 
 def _skew(x: Tensor, fill: float) -> Tensor:
@@ -167,6 +172,64 @@ def _edge_index(targets: Tensor, target_lengths: Tensor, blank: int) -> Tensor:
     return torch.stack([blank_ids, label_ids], dim=2).unsqueeze(1)
 
 
+def _lattice(edges: Tensor, t_len: Tensor, u_len: Tensor,
+             need_occupancy: bool) -> tuple[Tensor, Tensor | None]:
+    """Log-likelihood of every utterance's lattice and, if asked, its edge occupancies.
+
+    Args:
+        edges: (B, T, U+1, 2) log-probabilities of the two edges leaving each cell: [..., 0]
+            blank (to (t+1, u)), [..., 1] the next label (to (t, u+1)); float32 or float64.
+        t_len: (B,) int64 valid frames; u_len: (B,) int64 valid labels.
+        need_occupancy: also return the occupancies (the gradient of -log P w.r.t. ``edges``
+            is minus them).
+
+    Returns:
+        log P (B,), and (B, T, U+1, 2) occupancies (posterior probability that the alignment
+        uses each edge; 0 outside each utterance's lattice) or None.
+    """
+    batch, frames, cols, _ = edges.shape
+    device = edges.device
+    edges = edges.clamp_min(_LOG_PROB_FLOOR)
+    # Cells outside an utterance's lattice get weight 0 (not padding garbage, never nan) so
+    # the recursion stays finite there; nothing valid depends on them.
+    t_pos = torch.arange(frames, device=device).view(1, frames, 1)
+    u_pos = torch.arange(cols, device=device).view(1, 1, cols)
+    valid = (t_pos < t_len.view(-1, 1, 1)) & (u_pos <= u_len.view(-1, 1, 1))
+    edges = edges.masked_fill(~valid.unsqueeze(3), 0.0)
+    blank_lp, label_lp = edges[..., 0], edges[..., 1]
+
+    b_idx = torch.arange(batch, device=device)
+    t_end = t_len - 1
+    final_blank = blank_lp[b_idx, t_end, u_len]
+    if not need_occupancy:
+        # alpha alone gives the loss; skip beta and the occupancies.
+        alpha = _forward_variables(blank_lp, label_lp)
+        return alpha[b_idx, t_end, u_len] + final_blank, None
+
+    # beta(t, u) = log-prob of finishing from (t, u) = alpha of the per-utterance reversed
+    # lattice. In reversed coordinates (i, j) = (T_b-1-t, U_b-u) the move into (i, j) carries
+    # the weight of the edge leaving (t, u), hence the index shift by one before flipping.
+    # alpha and beta share one batched recursion (2B rows), halving the Python loop count.
+    rev_down = _flip(blank_lp, t_len - 2, u_len)
+    rev_right = _flip(label_lp, t_len - 1, u_len - 1)
+    both = _forward_variables(torch.cat([blank_lp, rev_down]), torch.cat([label_lp, rev_right]))
+    alpha, beta_rev = both[:batch], both[batch:]
+    log_like = alpha[b_idx, t_end, u_len] + final_blank
+    beta = _flip(beta_rev, t_end, u_len) + final_blank.view(-1, 1, 1)
+
+    neg_inf = float("-inf")
+    alpha = alpha.masked_fill(~valid, neg_inf)
+    beta = beta.masked_fill(~valid, neg_inf)
+    # Log-prob of finishing after each edge: beta(t+1, u) after blank (0 after the final
+    # blank out of (T_b-1, U_b)), beta(t, u+1) after a label.
+    after = torch.full((batch, frames, cols, 2), neg_inf, dtype=beta.dtype, device=device)
+    after[:, :-1, :, 0] = beta[:, 1:]
+    after[b_idx, t_end, u_len, 0] = 0.0
+    after[:, :, :-1, 1] = beta[:, :, 1:]
+    occupancy = torch.exp(alpha.unsqueeze(3) - log_like.view(-1, 1, 1, 1) + edges + after)
+    return log_like, occupancy
+
+
 class _RNNTLoss(torch.autograd.Function):
     """Per-utterance RNN-T costs with an analytic gradient (see the module docstring)."""
 
@@ -210,47 +273,9 @@ class _RNNTLoss(torch.autograd.Function):
                     for part in _batch_chunks(logits)
                 ]
             )
-        edges = edges.clamp_min(_LOG_PROB_FLOOR)
-
-        # Cells outside an utterance's lattice get weight 0 (not padding garbage, never nan) so
-        # the recursion stays finite there; nothing valid depends on them.
-        t_pos = torch.arange(frames, device=device).view(1, frames, 1)
-        u_pos = torch.arange(cols, device=device).view(1, 1, cols)
-        valid = (t_pos < t_len.view(-1, 1, 1)) & (u_pos <= u_len.view(-1, 1, 1))
-        edges = edges.masked_fill(~valid.unsqueeze(3), 0.0)
-        blank_lp, label_lp = edges[..., 0], edges[..., 1]
-
-        b_idx = torch.arange(batch, device=device)
-        t_end = t_len - 1
-        final_blank = blank_lp[b_idx, t_end, u_len]
-        if not need_grad:
-            # Evaluation: alpha alone gives the loss; skip beta and the occupancies.
-            alpha = _forward_variables(blank_lp, label_lp)
-            return (-(alpha[b_idx, t_end, u_len] + final_blank)).to(logits.dtype)
-
-        # beta(t, u) = log-prob of finishing from (t, u) = alpha of the per-utterance reversed
-        # lattice. In reversed coordinates (i, j) = (T_b-1-t, U_b-u) the move into (i, j) carries
-        # the weight of the edge leaving (t, u), hence the index shift by one before flipping.
-        # alpha and beta share one batched recursion (2B rows), halving the Python loop count.
-        rev_down = _flip(blank_lp, t_len - 2, u_len)
-        rev_right = _flip(label_lp, t_len - 1, u_len - 1)
-        both = _forward_variables(torch.cat([blank_lp, rev_down]), torch.cat([label_lp, rev_right]))
-        alpha, beta_rev = both[:batch], both[batch:]
-        log_like = alpha[b_idx, t_end, u_len] + final_blank
-        beta = _flip(beta_rev, t_end, u_len) + final_blank.view(-1, 1, 1)
-
-        neg_inf = float("-inf")
-        alpha = alpha.masked_fill(~valid, neg_inf)
-        beta = beta.masked_fill(~valid, neg_inf)
-        # Log-prob of finishing after each edge: beta(t+1, u) after blank (0 after the final
-        # blank out of (T_b-1, U_b)), beta(t, u+1) after a label.
-        after = torch.full((batch, frames, cols, 2), neg_inf, dtype=beta.dtype, device=device)
-        after[:, :-1, :, 0] = beta[:, 1:]
-        after[b_idx, t_end, u_len, 0] = 0.0
-        after[:, :, :-1, 1] = beta[:, :, 1:]
-        # Edge occupancies: posterior probability that the alignment uses each edge.
-        occupancy = torch.exp(alpha.unsqueeze(3) - log_like.view(-1, 1, 1, 1) + edges + after)
-
+        log_like, occupancy = _lattice(edges, t_len, u_len, need_grad)
+        if occupancy is None:
+            return (-log_like).to(logits.dtype)
         ctx.save_for_backward(edge_index, occupancy, logits)
         # The log-softmax buffer is not a saved tensor: the first backward consumes it (it becomes
         # the gradient), so it is held on ctx and dropped there.
@@ -356,6 +381,144 @@ def rnnt_loss(
             fused_log_softmax,
             need_grad,
         )
+    if reduction == "mean":
+        return costs.mean()
+    if reduction == "sum":
+        return costs.sum()
+    return costs
+
+
+class _LatticeNLL(torch.autograd.Function):
+    """-log P of each utterance from its (B, T, U+1, 2) edge log-probabilities; the gradient
+    w.r.t. the edges is minus their occupancies (exact, no graph through the recursion)."""
+
+    @staticmethod
+    def forward(ctx, edges: Tensor, t_len: Tensor, u_len: Tensor) -> Tensor:  # type: ignore[override]
+        log_like, occupancy = _lattice(edges, t_len, u_len, True)
+        ctx.save_for_backward(occupancy)
+        return -log_like
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_costs: Tensor):  # type: ignore[override]
+        (occupancy,) = ctx.saved_tensors
+        grad = occupancy.mul(grad_costs.to(occupancy.dtype).view(-1, 1, 1, 1)).neg_()
+        return grad, None, None
+
+
+def _joint_edges(combine: Callable[[Tensor, Tensor], Tensor], encoder_proj: Tensor,
+                 pred_proj: Tensor, index: Tensor, work_dtype: torch.dtype) -> Tensor:
+    """Blank and next-label log-probabilities of one block of lattice cells."""
+    logits = combine(encoder_proj.unsqueeze(2), pred_proj.unsqueeze(1))
+    return torch.log_softmax(logits, dim=3, dtype=work_dtype).gather(3, index)
+
+
+def _lattice_blocks(batch: int, frames: int, cols: int, budget: int
+                    ) -> list[tuple[slice, slice]]:
+    """(utterances, frames) blocks of a (B, T, U+1) lattice with about ``budget`` cells
+    each: whole utterances together while they fit, else frame ranges of one utterance."""
+    per_utt = frames * cols
+    if per_utt <= budget:
+        step = max(1, budget // per_utt)
+        return [(slice(b, b + step), slice(0, frames)) for b in range(0, batch, step)]
+    span = max(1, budget // cols)
+    return [(slice(b, b + 1), slice(t, t + span))
+            for b in range(batch) for t in range(0, frames, span)]
+
+
+def rnnt_joint_loss(
+    combine: Callable[[Tensor, Tensor], Tensor],
+    encoder_proj: Tensor,
+    pred_proj: Tensor,
+    targets: Tensor,
+    logit_lengths: Tensor,
+    target_lengths: Tensor,
+    blank: int = 0,
+    reduction: str = "mean",
+    block_cells: int | None = None,
+) -> Tensor:
+    """RNN-T loss with the joint network fused in: the (B, T, U+1, V) logits never exist whole.
+
+    The joint is evaluated block by block (a few utterances, or a frame range of one), and
+    only the blank and next-label log-probabilities of each cell, (B, T, U+1, 2), are kept.
+    In training each block is checkpointed (:func:`torch.utils.checkpoint.checkpoint`): the
+    backward pass recomputes one block's joint at a time and back-propagates the lattice
+    gradient through it, so peak memory holds one block's activations and logits instead of
+    the whole lattice's hidden layer, logits, log-softmax and gradient (the role of NeMo's
+    fused joint batches and of k2's pruned loss). The price is a second joint forward pass.
+    Same value and gradients as ``rnnt_loss(combine(enc[:, :, None], pred[:, None]), ...)``
+    (dropout in ``combine`` replays the same mask: checkpoint restores the RNG state).
+
+    Args:
+        combine: (B', T', 1, J) and (B', 1, U+1, J) -> (B', T', U+1, V) logits, e.g.
+            :meth:`asrkd.models.rnnt.JointNetwork.combine`.
+        encoder_proj: (B, T, J) projected encoder states.
+        pred_proj: (B, U+1, J) projected prediction-network states.
+        targets, logit_lengths, target_lengths, blank, reduction: as :func:`rnnt_loss`.
+        block_cells: lattice cells per block (each holds J hidden and V logit values; default
+            4096 on CPU, 2**18 elsewhere).
+
+    Returns:
+        Scalar loss, or (B,) per-utterance costs for ``reduction="none"``, in float32
+        (float64 for float64 inputs).
+    """
+    if encoder_proj.dim() != 3 or pred_proj.dim() != 3 or targets.dim() != 2:
+        raise ValueError(
+            f"expected encoder_proj (B, T, J), pred_proj (B, U+1, J) and targets (B, U), got "
+            f"{tuple(encoder_proj.shape)}, {tuple(pred_proj.shape)} and {tuple(targets.shape)}"
+        )
+    batch, frames, _ = encoder_proj.shape
+    cols = pred_proj.size(1)
+    if pred_proj.size(0) != batch or targets.shape != (batch, cols - 1):
+        raise ValueError(
+            f"shapes disagree: encoder_proj {tuple(encoder_proj.shape)}, pred_proj "
+            f"{tuple(pred_proj.shape)}, targets {tuple(targets.shape)} (need targets (B, U) "
+            "for pred_proj (B, U+1, J))"
+        )
+    if logit_lengths.shape != (batch,) or target_lengths.shape != (batch,):
+        raise ValueError("logit_lengths and target_lengths must have shape (B,)")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"unknown reduction {reduction!r}")
+    work_dtype = torch.float64 if encoder_proj.dtype == torch.float64 else torch.float32
+    if batch == 0:
+        costs = encoder_proj.new_zeros(0, dtype=work_dtype)
+    else:
+        if bool(((logit_lengths < 1) | (logit_lengths > frames)).any()) or bool(
+                ((target_lengths < 0) | (target_lengths > cols - 1)).any()):
+            raise ValueError(
+                f"lengths out of range: logit_lengths must be in [1, {frames}] and "
+                f"target_lengths in [0, {cols - 1}]"
+            )
+        device = encoder_proj.device
+        t_len = logit_lengths.to(device=device, dtype=torch.long)
+        u_len = target_lengths.to(device=device, dtype=torch.long)
+        index = _edge_index(targets, u_len, blank)  # (B, 1, U+1, 2)
+        need_grad = torch.is_grad_enabled() and (encoder_proj.requires_grad
+                                                 or pred_proj.requires_grad)
+        if block_cells is None:
+            block_cells = _BLOCK_CELLS_CPU if device.type == "cpu" else _BLOCK_CELLS_ACCEL
+        blocks = _lattice_blocks(batch, frames, cols, block_cells)
+        rows = []
+        for utts, span in blocks:
+            enc, pred = encoder_proj[utts, span], pred_proj[utts]
+            block_index = index[utts].expand(enc.size(0), enc.size(1), cols, 2)
+            if need_grad:
+                rows.append(torch.utils.checkpoint.checkpoint(
+                    _joint_edges, combine, enc, pred, block_index, work_dtype,
+                    use_reentrant=False))
+            else:
+                rows.append(_joint_edges(combine, enc, pred, block_index, work_dtype))
+        # Reassemble (B, T, U+1, 2): groups of whole utterances, or each utterance's frames.
+        if blocks[0][1] == slice(0, frames):
+            edges = torch.cat(rows)
+        else:
+            per_utt = len(rows) // batch
+            edges = torch.cat([torch.cat(rows[b * per_utt:(b + 1) * per_utt], dim=1)
+                               for b in range(batch)])
+        if need_grad:
+            costs = _LatticeNLL.apply(edges, t_len, u_len)
+        else:
+            costs = -_lattice(edges, t_len, u_len, False)[0]
     if reduction == "mean":
         return costs.mean()
     if reduction == "sum":

@@ -30,7 +30,7 @@ from asrkd.models.ctc import CTCConfig, CTCHead
 from asrkd.models.encoder import FastConformerConfig, FastConformerEncoder
 from asrkd.models.frontend import ResNet1D, ResNet1DConfig
 from asrkd.models.lm import LMFusion
-from asrkd.models.rnnt import RNNTConfig, RNNTransducer
+from asrkd.models.rnnt import JointInputs, RNNTConfig, RNNTransducer
 from asrkd.models.transformer_decoder import (
     TransformerDecoder,
     TransformerDecoderConfig,
@@ -146,6 +146,8 @@ class ASROutput:
         hidden_states: per-layer encoder outputs when asked for (distillation).
         inter_ctc_logits: (B, T', V) CTC logits of the ``inter_ctc_layers`` blocks, in
             training mode only (None otherwise).
+        rnnt_joint: an RNN-T model's projected joint inputs instead of ``decoder_logits``
+            when :meth:`E2EASR.forward` was called with ``rnnt_logits=False``.
     """
 
     encoder_out: torch.Tensor
@@ -155,6 +157,7 @@ class ASROutput:
     decoder_type: str = "none"
     hidden_states: list[torch.Tensor] | None = None
     inter_ctc_logits: list[torch.Tensor] | None = None
+    rnnt_joint: JointInputs | None = None
 
 
 class E2EASR(nn.Module):
@@ -242,6 +245,7 @@ class E2EASR(nn.Module):
         targets: torch.Tensor | None = None,
         target_lengths: torch.Tensor | None = None,
         return_hidden: bool = False,
+        rnnt_logits: bool = True,
     ) -> ASROutput:
         """Training outputs.
 
@@ -249,6 +253,9 @@ class E2EASR(nn.Module):
             audio: (B, S) waveforms at 16 kHz. audio_lengths: (B,) samples.
             targets: (B, U) token ids padded with ``<pad>``; target_lengths: (B,).
             return_hidden: also return every conformer layer's output.
+            rnnt_logits: for an RNN-T decoder, the (B, T', U+1, V) joint logits; False: their
+                projected inputs (``rnnt_joint``) for the fused loss, which needs far less
+                memory (:func:`~asrkd.losses.rnnt.rnnt_joint_loss`).
         """
         inter_layers = self.config.inter_ctc_layers if self.config is not None else ()
         inter = bool(inter_layers) and self.training and self.ctc is not None
@@ -264,7 +271,9 @@ class E2EASR(nn.Module):
         if inter:
             output.inter_ctc_logits = [self.ctc(encoded.hidden_states[i - 1])
                                        for i in inter_layers]
-        if self.decoder is not None and targets is not None:
+        if isinstance(self.decoder, RNNTransducer) and targets is not None and not rnnt_logits:
+            output.rnnt_joint = self.decoder.joint_inputs(encoded.output, targets)
+        elif self.decoder is not None and targets is not None:
             output.decoder_logits = self.decoder(
                 encoded.output, encoded.lengths, targets, target_lengths
             )

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from asrkd.errors import ConfigError
 
-__all__ = ["RNNTConfig", "PredictionNetwork", "JointNetwork", "RNNTransducer"]
+__all__ = ["RNNTConfig", "PredictionNetwork", "JointInputs", "JointNetwork", "RNNTransducer"]
 
 # LSTM state: (h, c), each (layers, N, pred_dim).
 State = tuple[Tensor, Tensor]
@@ -159,6 +159,26 @@ class JointNetwork(nn.Module):
         )
 
 
+@dataclass
+class JointInputs:
+    """The joint network's projected inputs over a (T, U+1) lattice, for
+    :func:`~asrkd.losses.rnnt.rnnt_joint_loss`, which evaluates the joint block by block
+    instead of materialising the (B, T, U+1, V) logits.
+
+    Attributes:
+        joint: the network whose :meth:`JointNetwork.combine` makes logits.
+        encoder_proj: (B, T, J). pred_proj: (B, U+1, J).
+    """
+
+    joint: JointNetwork
+    encoder_proj: Tensor
+    pred_proj: Tensor
+
+    def logits(self) -> Tensor:
+        """The whole (B, T, U+1, V) lattice of logits."""
+        return self.joint.combine(self.encoder_proj.unsqueeze(2), self.pred_proj.unsqueeze(1))
+
+
 class RNNTransducer(nn.Module):
     """RNN-T head over encoder states: the training logits over the (T, U+1) lattice."""
 
@@ -193,4 +213,14 @@ class RNNTransducer(nn.Module):
             (B, T, U+1, V) unnormalised joint logits.
         """
         del encoder_lengths, target_lengths  # padding is handled by the loss's lengths
-        return self.joint(encoder_out, self.prediction(targets))
+        return self.joint_inputs(encoder_out, targets).logits()
+
+    def joint_inputs(self, encoder_out: Tensor, targets: Tensor) -> JointInputs:
+        """The projected encoder and prediction states of the training lattice (the logits
+        of :meth:`forward` are ``joint_inputs(...).logits()``).
+
+        Args:
+            encoder_out: (B, T, D). targets: (B, U) label ids (padding: any in-vocabulary id).
+        """
+        return JointInputs(self.joint, self.joint.encoder_proj(encoder_out),
+                           self.joint.pred_proj(self.prediction(targets)))
