@@ -265,6 +265,10 @@ def test_beam_size_and_ctc_weight_set_the_search(tmp_path, tiny_corpus, monkeypa
     main(["evaluate", "--ckpt", str(checkpoint), "--manifest", str(tiny_corpus / "test.jsonl"),
           "--method", "attention_beam"])  # the checkpoint's own settings
     assert set(searches) == {("attention_beam", 7, default.ctc_weight)}
+    searches.clear()
+    main(["evaluate", "--ckpt", str(checkpoint), "--manifest", str(tiny_corpus / "test.jsonl"),
+          "--ctc-weight", "0.4"])  # a CTC weight alone asks for the joint search
+    assert set(searches) == {("attention_beam", 7, 0.4)}
     process = run_cli("infer", "--onnx", str(tmp_path / "m.onnx"), "--beam-size", "2",
                       str(tiny_corpus / "wav" / "test"))
     assert process.returncode == 2 and "--beam-size and --ctc-weight" in process.stderr

@@ -88,12 +88,19 @@ def _load_with_search(args: argparse.Namespace):  # noqa: ANN202
     return model
 
 
+def _requested_method(args: argparse.Namespace) -> str | None:
+    """--method, or attention_beam when only --ctc-weight (its weight) was given."""
+    if args.method is None and getattr(args, "ctc_weight", None) is not None:
+        return "attention_beam"
+    return args.method
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from asrkd.training.pipeline import evaluate
 
     fusion = _fusion(args)
     metrics = evaluate(
-        _load_with_search(args), args.manifest, method=args.method, out_jsonl=args.out,
+        _load_with_search(args), args.manifest, method=_requested_method(args), out_jsonl=args.out,
         threads=args.threads, fusion=fusion, timing_repeats=3 if args.rtfx else 0,
     )
     if fusion is not None:
@@ -194,8 +201,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
         onnx_model = OnnxASR(args.onnx, threads=args.threads)
         method = args.method or onnx_model.default_method
-        # Exports hold the CTC head and the transducer only: a transformer model's --ckpt
-        # default (attention beam search) is not available here, so say which search runs.
+        # Exports hold the CTC head and the transducer only (a hybrid CTC/attention model's
+        # --ckpt default is CTC greedy too); say which search runs.
         print(f"decoding: {method} (ONNX graphs: {', '.join(onnx_model.sessions)})",
               file=sys.stderr)
 
@@ -204,7 +211,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     else:
         model = _load_with_search(args)
         fusion = _fusion(args)
-        method = args.method
+        method = _requested_method(args)
         if fusion is not None:
             fusion.lm.check_tokenizer(model.tokenizer)
             method = method or "ctc_beam"
@@ -298,7 +305,8 @@ def _add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="beam size of the beam searches (default: the model's)")
     parser.add_argument("--ctc-weight", type=float, default=None,
                         help="weight of the CTC prefix score in attention_beam "
-                        "(joint CTC/attention search; default: the model's)")
+                        "(joint CTC/attention search, which this option selects when "
+                        "--method is not given; default: the model's)")
 
 
 def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:

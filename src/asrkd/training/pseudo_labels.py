@@ -190,7 +190,8 @@ def pseudo_label(
             line's fields with an absolute ``audio_filepath``, ``text`` = teacher transcript,
             ``teacher_confidence``, ``teacher_agreement`` (when computed) and
             ``original_text`` (when the input line had text).
-        method: teacher decoding method (None: the model's default, e.g. attention beam).
+        method: teacher decoding method (None: the decoder's own search, e.g. attention beam;
+            CTC greedy for a CTC-only model).
         beam_size: beam for beam-search methods.
         min_confidence: keep utterances whose per-token average log-prob is >= this.
         agreement_with: second decoding method to compare with (None or "none": skip).
@@ -210,7 +211,7 @@ def pseudo_label(
     model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
     if agreement_with is None or agreement_with.strip().lower() in ("", "none"):
         agreement_with = None
-    method = method or model.default_method()
+    method = method or model.decoder_method()
     _check_method(model, method, "method")
     if agreement_with is not None:
         _check_method(model, agreement_with, "agreement_with")
