@@ -297,8 +297,8 @@ class E2EASR(nn.Module):
 
         Hybrid models default to CTC greedy by measurement: on the AN4 teachers (4000 steps,
         two decoder initialisations, validation and test speakers; docs/training-recipe.md)
-        joint CTC/attention beam search at beam 4 was 1.5-2.5 points worse than CTC greedy and
-        at beam 10 within a point of it either way, at a third to a fifth of its speed. It is
+        joint CTC/attention beam search at beam 4 was 0.9-2.6 points worse than CTC greedy and
+        at beam 10 from 1.3 better to 2.3 worse, at a third to a fifth of its speed. It is
         also what an ONNX export of the same model runs. ``decoding.method: attention_beam``
         (or ``--method``) asks for the joint search.
         """
