@@ -314,8 +314,10 @@ def run_bench(exp_dir: Path, corpus: Path, out_md: Path, out_json: Path, plot: P
                 "gflops_per_audio_second": round(count_flops(model, 10.0)["total"] / 10.0 / 1e9, 3),
                 "wer": _demo_wer(Path(path), exp_dir),
                 "decoding": decoding_rows(model, clips, plan, _methods(model)),
-                "train": {**train, "mfu": round(train["step_flops"] / train["step_seconds"]
-                                                / peak, 3)},
+                # Three significant digits, not decimals: a small model's MFU on a busy
+                # machine can be under 0.0005 and must not round to 0.
+                "train": {**train, "mfu": float(
+                    f"{train['step_flops'] / train['step_seconds'] / peak:.3g}")},
                 "train_peak_rss_mb": peak_rss_of_training(str(path), plan, threads)["peak_mb"],
             }
             if model.ctc is not None:
