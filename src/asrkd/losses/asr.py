@@ -36,9 +36,11 @@ class ASRLossConfig:
     inter_ctc_weight: float = 0.3
     # RNN-T models trained without KD: evaluate the joint network block by block inside the
     # loss (rnnt_joint_loss) instead of materialising the (B, T, U+1, V) lattice. Same loss
-    # and gradients in a fraction of the memory, for a second joint forward pass. With KD the
-    # student's lattice is materialised anyway (the transducer KD losses read it).
-    rnnt_fused_joint: bool = False
+    # and gradients; a teacher_cpu_rnnt step on 8 x 10 s took 539 instead of 1074 MB and
+    # 1.40 instead of 1.79 s (idle VM, benchmarks/README.md) despite the second joint
+    # forward pass. With KD the student's lattice is materialised anyway (the transducer KD
+    # losses read it).
+    rnnt_fused_joint: bool = True
 
     def __post_init__(self) -> None:
         if self.attention_reduction not in ("utterance", "token"):
