@@ -314,6 +314,27 @@ class _RNNTLoss(torch.autograd.Function):
         return grad.to(logits.dtype), None, None, None, None, None, None, None
 
 
+def _check_length_ranges(logit_lengths: Tensor, target_lengths: Tensor, frames: int,
+                         cols: int) -> None:
+    """Every utterance has 1..T frames and 0..U labels (a lattice of T x (U+1) cells)."""
+    bad_t = (logit_lengths < 1) | (logit_lengths > frames)
+    bad_u = (target_lengths < 0) | (target_lengths > cols - 1)
+    if bool((bad_t | bad_u).any()):
+        raise ValueError(
+            f"lengths out of range: logit_lengths must be in [1, {frames}] and "
+            f"target_lengths in [0, {cols - 1}]"
+        )
+
+
+def _reduce(costs: Tensor, reduction: str) -> Tensor:
+    """(B,) costs reduced as ``reduction`` says ("mean", "sum" or "none")."""
+    if reduction == "mean":
+        return costs.mean()
+    if reduction == "sum":
+        return costs.sum()
+    return costs
+
+
 def rnnt_loss(
     logits: Tensor,
     targets: Tensor,
@@ -361,13 +382,7 @@ def rnnt_loss(
     if batch == 0:
         costs = logits.new_zeros(0)
     else:
-        bad_t = (logit_lengths < 1) | (logit_lengths > frames)
-        bad_u = (target_lengths < 0) | (target_lengths > cols - 1)
-        if bool((bad_t | bad_u).any()):
-            raise ValueError(
-                f"lengths out of range: logit_lengths must be in [1, {frames}] and "
-                f"target_lengths in [0, {cols - 1}]"
-            )
+        _check_length_ranges(logit_lengths, target_lengths, frames, cols)
         # Inside Function.forward grad mode is always off, so decide here whether the
         # backward-only work (beta, occupancies) is needed.
         need_grad = torch.is_grad_enabled() and logits.requires_grad
@@ -381,11 +396,7 @@ def rnnt_loss(
             fused_log_softmax,
             need_grad,
         )
-    if reduction == "mean":
-        return costs.mean()
-    if reduction == "sum":
-        return costs.sum()
-    return costs
+    return _reduce(costs, reduction)
 
 
 class _LatticeNLL(torch.autograd.Function):
@@ -483,12 +494,7 @@ def rnnt_joint_loss(
     if batch == 0:
         costs = encoder_proj.new_zeros(0, dtype=work_dtype)
     else:
-        if bool(((logit_lengths < 1) | (logit_lengths > frames)).any()) or bool(
-                ((target_lengths < 0) | (target_lengths > cols - 1)).any()):
-            raise ValueError(
-                f"lengths out of range: logit_lengths must be in [1, {frames}] and "
-                f"target_lengths in [0, {cols - 1}]"
-            )
+        _check_length_ranges(logit_lengths, target_lengths, frames, cols)
         device = encoder_proj.device
         t_len = logit_lengths.to(device=device, dtype=torch.long)
         u_len = target_lengths.to(device=device, dtype=torch.long)
@@ -519,8 +525,4 @@ def rnnt_joint_loss(
             costs = _LatticeNLL.apply(edges, t_len, u_len)
         else:
             costs = -_lattice(edges, t_len, u_len, False)[0]
-    if reduction == "mean":
-        return costs.mean()
-    if reduction == "sum":
-        return costs.sum()
-    return costs
+    return _reduce(costs, reduction)
