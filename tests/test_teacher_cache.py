@@ -238,10 +238,92 @@ def test_cli_writes_the_cache(tmp_path, small_manifest, teacher_and_student, cap
             "4",
             "--threads",
             "1",
+            "--speed-factors",
+            "0.9",
+            "1.0",
         ]
     )
     args.func(args)
     stats = json.loads(capsys.readouterr().out)
-    assert stats["utterances"] == 3
+    assert stats["utterances"] == 6
     cache = TeacherCache(tmp_path / "c.pt")
     assert cache.top_k == 4 and cache.teacher_checkpoint == str(ckpt.resolve())
+    assert cache.speed_factors == (0.9, 1.0)
+
+
+def test_speed_perturbed_training_finds_the_teacher_outputs_of_its_own_audio(
+    tmp_path, small_manifest, teacher_and_student
+):
+    """With data.speed_factors the cache holds each speed copy under the key the training set
+    gives it, so the student's perturbed audio gets the teacher's outputs for that audio."""
+    from asrkd.data.dataset import speed_key
+
+    teacher, student = teacher_and_student
+    stats = cache_teacher(teacher, small_manifest, tmp_path / "s.pt", top_k=teacher.vocab_size,
+                          speed_factors=(1.1, 0.9, 1.0, 0.9))
+    assert stats["utterances"] == 9 and stats["speed_factors"] == [0.9, 1.0, 1.1]
+    cache = TeacherCache(tmp_path / "s.pt")
+    assert cache.speed_factors == (0.9, 1.0, 1.1) and len(cache) == 9
+    base = utterance_key(ManifestDataset(small_manifest).entries[0])
+    assert speed_key(base, 1.0) == base in cache
+    assert speed_key(base, 0.9) == f"{base}#speed=0.9" in cache
+
+    dataset = ManifestDataset(small_manifest, speed_factors=(0.9, 1.1), seed=3)
+    seen = set()
+    for epoch in range(6):
+        item = dataset[0, epoch]
+        seen.add(item["key"])
+        assert item["key"] in cache
+        with torch.no_grad():
+            teacher_out = teacher(item["audio"][None], torch.tensor([len(item["audio"])]))
+            student_out = student(item["audio"][None], torch.tensor([len(item["audio"])]))
+        values, indices, lengths = cache.batch([item["key"]], student_out.ctc_logits.shape[1],
+                                               student.vocab_size)
+        assert torch.equal(lengths, student_out.encoder_lengths)
+        online = CTCFrameKD(temperature=2.0)(student_out.ctc_logits, teacher_out.ctc_logits,
+                                             student_out.encoder_lengths)
+        cached = CachedCTCFrameKD(temperature=2.0)(student_out.ctc_logits, values, indices,
+                                                   student_out.encoder_lengths, lengths)
+        torch.testing.assert_close(cached, online, atol=1e-4, rtol=1e-5)
+    assert seen == {speed_key(base, 0.9), speed_key(base, 1.1)}  # both copies were drawn
+
+
+def test_a_cache_without_the_training_speed_factors_is_refused_before_training(
+    tmp_path, small_manifest, teacher_and_student
+):
+    from asrkd.errors import UserError
+    from asrkd.training.builder import build_objective
+    from asrkd.training.distillation import KDConfig
+    from asrkd.training.pipeline import TrainingConfig
+
+    teacher, student = teacher_and_student
+    cache_teacher(teacher, small_manifest, tmp_path / "plain.pt", top_k=3)
+    cache = TeacherCache(tmp_path / "plain.pt")
+    assert cache.speed_factors == (1.0,)
+    cache.check_speed_factors(())
+    cache.check_speed_factors((1.0,))
+    training = TrainingConfig(use_kd=True, kd=KDConfig(losses=("ctc_kl",)))
+    with pytest.raises(UserError, match=r"--speed-factors 0\.9 1 1\.1"):
+        build_objective(student, training, teacher_cache=str(tmp_path / "plain.pt"),
+                        speed_factors=(0.9, 1.0, 1.1))
+    build_objective(student, training, teacher_cache=str(tmp_path / "plain.pt"))
+    with pytest.raises(UserError, match="positive"):
+        cache_teacher(teacher, small_manifest, tmp_path / "bad.pt", speed_factors=(0.0,))
+
+
+def test_recipe_rebuilds_its_cache_when_the_speed_factors_change(
+    tmp_path, small_manifest, teacher_and_student
+):
+    from asrkd.recipe import _teacher_cache
+
+    teacher, _ = teacher_and_student
+    save_checkpoint(teacher, tmp_path / "exp" / "teacher" / "model.ckpt")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "train.jsonl").write_text(small_manifest.read_text())
+    path, _ = _teacher_cache(tmp_path / "exp", corpus)
+    assert TeacherCache(path).speed_factors == (1.0,)
+    written = path.stat().st_mtime_ns
+    assert _teacher_cache(tmp_path / "exp", corpus, ())[0].stat().st_mtime_ns == written
+    _teacher_cache(tmp_path / "exp", corpus, (0.9, 1.0, 1.1))
+    assert TeacherCache(path).speed_factors == (0.9, 1.0, 1.1) and len(TeacherCache(path)) == 9

@@ -334,6 +334,7 @@ def cmd_cache_teacher(args: argparse.Namespace) -> None:
             top_k=args.top_k,
             batch_seconds=args.batch_seconds,
             temperature=args.temperature,
+            speed_factors=args.speed_factors,
         )
     print(json.dumps(stats, indent=2))
 
@@ -344,7 +345,8 @@ def add_cache_teacher_parser(subparsers: argparse._SubParsersAction) -> argparse
         "cache-teacher",
         help="store a teacher's top-k CTC log-probs over a manifest (offline KD)",
         description="Run the teacher once (eval mode, no augmentation) and store its top-k "
-        "CTC log-probs per frame. Only valid for training without speed perturbation.",
+        "CTC log-probs per frame, for the audio as is or for each speed-perturbed copy the "
+        "training set makes (--speed-factors, the same as data.speed_factors).",
     )
     parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
     parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
@@ -352,6 +354,9 @@ def add_cache_teacher_parser(subparsers: argparse._SubParsersAction) -> argparse
     parser.add_argument("--top-k", type=int, default=8, help="log-probs kept per frame")
     parser.add_argument("--batch-seconds", type=float, default=120.0)
     parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--speed-factors", type=float, nargs="+", default=(),
+                        metavar="F", help="training with data.speed_factors: cache each of "
+                        "these speed copies of every utterance (default: the audio as is)")
     parser.add_argument("--threads", type=int, default=2)
     parser.set_defaults(func=cmd_cache_teacher)
     return parser

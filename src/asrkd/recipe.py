@@ -49,8 +49,8 @@ class RecipePlan:
     # More searches scored on the test split for all three models (a table of their own).
     extra_decodings: tuple[str, ...] = ()
     # Distil from stored teacher CTC posteriors (``asrkd cache-teacher``, run once over the
-    # training set) instead of running the teacher on every KD step: frame-level CTC KD only,
-    # and only without speed perturbation (the cache holds the unperturbed audio's frames).
+    # training set, once per speed factor of ``data.speed_factors``) instead of running the
+    # teacher on every KD step: frame-level CTC KD only.
     kd_teacher_cache: bool = False
     # Also score the test split with a token n-gram LM of this order trained on the training
     # transcripts, fused into CTC prefix beam search; the LM weight and length bonus are
@@ -108,7 +108,8 @@ def train_stage(
     if name == "student_kd":
         overrides.append(f"training.teacher_checkpoint={exp / 'teacher' / 'model.ckpt'}")
         if plan.kd_teacher_cache:
-            cache, cache_seconds = _teacher_cache(exp, corpus)
+            speed_factors = load_run_config([config], overrides).data.speed_factors
+            cache, cache_seconds = _teacher_cache(exp, corpus, speed_factors)
             overrides += [f"training.teacher_cache={cache}", "training.kd.losses=[ctc_kl]"]
     run_config = load_run_config([config], overrides)
     # An interrupted stage continues from its last checkpoint instead of starting over.
@@ -121,18 +122,23 @@ def train_stage(
     return result
 
 
-def _teacher_cache(exp: Path, corpus: Path) -> tuple[Path, float]:
-    """The teacher's top-k CTC posteriors over the training set, written once per teacher."""
-    from asrkd.training.teacher_cache import cache_teacher
+def _teacher_cache(exp: Path, corpus: Path, speed_factors: tuple[float, ...] = ()
+                   ) -> tuple[Path, float]:
+    """The teacher's top-k CTC posteriors over the training set at each of ``speed_factors``,
+    written once per teacher and set of factors."""
+    from asrkd.training.teacher_cache import cache_teacher, check_speed_factors
 
     teacher = exp / "teacher" / "model.ckpt"
     path = exp / "teacher_cache.pt"
-    seconds_file = path.with_suffix(".json")
-    if path.is_file() and seconds_file.is_file() and path.stat().st_mtime > teacher.stat().st_mtime:
-        return path, float(json.loads(seconds_file.read_text())["seconds"])
+    info_file = path.with_suffix(".json")
+    factors = list(check_speed_factors(speed_factors))
+    if path.is_file() and info_file.is_file() and path.stat().st_mtime > teacher.stat().st_mtime:
+        info = json.loads(info_file.read_text())
+        if info.get("speed_factors", [1.0]) == factors:
+            return path, float(info["seconds"])
     console.rule("caching the teacher's CTC posteriors over the training set")
-    info = cache_teacher(teacher, corpus / "train.jsonl", path)
-    seconds_file.write_text(json.dumps({"seconds": info["seconds"]}))
+    info = cache_teacher(teacher, corpus / "train.jsonl", path, speed_factors=factors)
+    info_file.write_text(json.dumps({"seconds": info["seconds"], "speed_factors": factors}))
     return path, float(info["seconds"])
 
 

@@ -54,6 +54,14 @@ def utterance_key(audio_filepath: str | Path | ManifestEntry, offset: float = 0.
     return f"{path}@{float(offset)!r}" if offset else path
 
 
+def speed_key(key: str, factor: float) -> str:
+    """The key of utterance ``key`` read at speed ``factor``: ``key`` itself at 1.0, else
+    ``key#speed=<factor>``. A teacher cache stores each speed-perturbed copy under its own key,
+    so the student's perturbed audio finds the teacher outputs of exactly that audio."""
+    factor = float(factor)
+    return key if math.isclose(factor, 1.0) else f"{key}#speed={factor!r}"
+
+
 @dataclass
 class ManifestReport:
     """What reading a manifest kept, filtered and skipped (and why)."""
@@ -301,14 +309,16 @@ class ManifestDataset(Dataset):
             self.failed_loads += 1
             log.warning("skipped unloadable audio (%s); %d so far", error, self.failed_loads)
             return None
+        factor = 1.0
         if self.speed_factors:
             rng = random.Random(f"{self.seed}:{epoch}:{index}") if epoch is not None else random
-            audio = speed_perturb(audio, rng.choice(self.speed_factors), self.sample_rate)
+            factor = rng.choice(self.speed_factors)
+            audio = speed_perturb(audio, factor, self.sample_rate)
         item = {
             "audio": torch.from_numpy(audio),
             "text": entry.text or "",
             "index": index,
-            "key": utterance_key(entry),
+            "key": speed_key(utterance_key(entry), factor),
         }
         if self.tokenizer is not None and entry.text:
             item["tokens"] = torch.tensor(self.tokenizer.encode(entry.text), dtype=torch.long)

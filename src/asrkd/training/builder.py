@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from asrkd.config import to_dict
@@ -23,15 +24,19 @@ if TYPE_CHECKING:
 
 def build_objective(model: E2EASR, training: TrainingConfig,
                     teacher_checkpoint: str | None = None,
-                    teacher_cache: str | None = None) -> nn.Module:
+                    teacher_cache: str | None = None,
+                    speed_factors: Sequence[float] = ()) -> nn.Module:
     """``training`` (a ``TrainingConfig``) as an objective over ``model``: its supervised loss,
     or a KDWrapper distilling the teacher of ``teacher_checkpoint`` (or the posteriors of
-    ``teacher_cache``, in which case the teacher is never loaded) into it."""
+    ``teacher_cache``, in which case the teacher is never loaded) into it. ``speed_factors``
+    (the training set's ``data.speed_factors``) must all be in a teacher cache."""
     asr_loss = ASRLoss(training.asr_loss)
     if not training.use_kd:
         return Supervised(model, asr_loss)
     if teacher_cache is not None:
-        return build_kd(model, asr_loss, training.kd, teacher_cache=TeacherCache(teacher_cache),
+        cache = TeacherCache(teacher_cache)
+        cache.check_speed_factors(speed_factors)
+        return build_kd(model, asr_loss, training.kd, teacher_cache=cache,
                         distil_final_output=training.distil_final_output)
     if teacher_checkpoint is None:
         raise ConfigError("use_kd needs training.teacher_checkpoint (a trained teacher)")
@@ -47,12 +52,14 @@ def build_objective(model: E2EASR, training: TrainingConfig,
 
 def build_module(model_config: ModelConfig, tokenizer: Tokenizer, training: TrainingConfig,
                  teacher_checkpoint: str | None = None, teacher_cache: str | None = None,
-                 examples_to_log: int = 3) -> ModelModule:
+                 examples_to_log: int = 3, speed_factors: Sequence[float] = ()) -> ModelModule:
     """The ModelModule of one run (paths already resolved). Its saved hyper-parameters are
     plain containers, so Lightning checkpoints load with ``weights_only=True``, and hold what
-    a resume is checked against (model config, tokenizer, use_kd)."""
+    a resume is checked against (model config, tokenizer, use_kd). ``speed_factors``: the
+    training set's, checked against a teacher cache."""
     model = build_model(model_config, tokenizer)
-    objective = build_objective(model, training, teacher_checkpoint, teacher_cache)
+    objective = build_objective(model, training, teacher_checkpoint, teacher_cache,
+                                speed_factors)
     hparams = {
         "model_config": to_dict(model_config),
         "tokenizer": tokenizer.to_dict(),

@@ -239,10 +239,11 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     model_config = config.model_config()
     tokenizer = _tokenizer(config, model_config)
     training = config.training
+    data = config.data
     module = build_module(model_config, tokenizer, training,
                           teacher_checkpoint=_resolve(training.teacher_checkpoint),
-                          teacher_cache=_resolve(training.teacher_cache))
-    data = config.data
+                          teacher_cache=_resolve(training.teacher_cache),
+                          speed_factors=tuple(data.speed_factors or ()))
     datamodule = ASRDataModule(
         train_manifest=_resolve(data.train_manifest),
         val_manifest=_resolve(data.val_manifest),
@@ -258,11 +259,6 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         seed=config.seed,
         short_first=data.short_first,
     )
-    if training.teacher_cache is not None and data.speed_factors:
-        raise ConfigError(
-            "training.teacher_cache stores the teacher's outputs for unperturbed audio; "
-            "set data.speed_factors to [] or train with the online teacher"
-        )
     datamodule.attach_tokenizer(tokenizer)
     if training.average_best < 1:
         raise ConfigError(f"training.average_best={training.average_best} must be >= 1")

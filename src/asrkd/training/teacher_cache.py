@@ -9,12 +9,13 @@ per valid encoder frame, the ``k`` largest CTC log-probabilities and their token
 
 **Validity constraint.** A cache is only valid when the teacher's input is deterministic: the
 same waveform in, the same posteriors out. That holds here because the teacher runs in eval
-mode, where SpecAugment is off and dropout is inactive, and because :func:`cache_teacher`
-reads the audio without speed perturbation. It does *not* hold for a training set read with
-speed perturbation (``data.speed_factors``): the student would then see perturbed audio whose
-frames no longer line up with the cached ones. Train from a cache with speed perturbation off
-(a changed frame count is caught by :meth:`CachedCTCFrameKD.forward` via ``teacher_lengths``,
-a same-length perturbation is not).
+mode, where SpecAugment is off and dropout is inactive (SpecAugment is part of the model, so
+the student's masks never reach the teacher's input), and because every audio-level change
+the training set makes is one of a few fixed speed factors (``data.speed_factors``):
+:func:`cache_teacher` runs the teacher on each factor's copy of every utterance and stores it
+under :func:`~asrkd.data.dataset.speed_key`, the key the training set gives that copy. A
+training set whose speed factors the cache lacks is refused before training
+(:meth:`TeacherCache.check_speed_factors`).
 
 File format (one file, loadable with ``torch.load(weights_only=True)``): a dict of plain
 containers and tensors::
@@ -24,7 +25,8 @@ containers and tensors::
     manifest             str
     vocab_size, subsampling_factor, top_k   int
     temperature          float  (values are top-k of log_softmax(logits / temperature))
-    keys                 list[str], one per utterance (see :func:`utterance_key`)
+    speed_factors        list[float], the speed copies cached (absent in older files: [1.0])
+    keys                 list[str], one per utterance and speed factor (see :func:`speed_key`)
     lengths              (N,) int64 valid encoder frames per utterance
     offsets              (N + 1,) int64 start row of each utterance in values / indices
     values               (sum(lengths), k) float32 log-probs, largest first
@@ -33,13 +35,16 @@ containers and tensors::
 
 from __future__ import annotations
 
+import math
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from asrkd.data.dataset import ManifestDataset, duration_batches, utterance_key
+from asrkd.data.audio_processing import speed_perturb
+from asrkd.data.dataset import ManifestDataset, duration_batches, speed_key, utterance_key
 from asrkd.data.tokenizer import BLANK_ID
 from asrkd.errors import UserError
 from asrkd.losses.kd.common import (
@@ -65,6 +70,7 @@ def cache_teacher(
     batch_seconds: float = 120.0,
     temperature: float = 1.0,
     device: str | torch.device = "cpu",
+    speed_factors: Sequence[float] = (),
 ) -> dict:
     """Run the teacher over a manifest and store its top-k CTC log-probs in one file.
 
@@ -78,9 +84,12 @@ def cache_teacher(
             Keep the default 1.0: the top-k support does not depend on it and
             :class:`CachedCTCFrameKD` re-softens at its own temperature anyway.
         device: where the teacher runs.
+        speed_factors: the training set's ``data.speed_factors``: the teacher also runs on
+            each factor's speed-perturbed copy of every utterance (empty: the audio as is).
 
     Returns:
-        ``{"path", "utterances", "frames", "mb", "seconds"}``.
+        ``{"path", "utterances", "speed_factors", "frames", "mb", "seconds"}``; utterances
+        counts each speed copy.
     """
     start = time.perf_counter()
     check_temperature(temperature)
@@ -99,7 +108,9 @@ def cache_teacher(
     k = min(int(top_k), vocab)
     index_dtype = torch.int16 if vocab <= torch.iinfo(torch.int16).max else torch.int32
 
-    dataset = ManifestDataset(manifest, require_text=False)  # no speed perturbation
+    factors = check_speed_factors(speed_factors)
+    # The dataset reads the audio as is; each speed copy is made here, as the training set does.
+    dataset = ManifestDataset(manifest, require_text=False)
     keys = [utterance_key(entry) for entry in dataset.entries]
     first = {}  # duplicate lines share a key; the teacher runs on the first one only
     for index, key in enumerate(keys):
@@ -107,25 +118,32 @@ def cache_teacher(
     entries = [dataset.entries[i] for i in first.values()]
     wanted = list(first.values())
 
-    per_utt: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    per_copy: dict[tuple[float, int], tuple[torch.Tensor, torch.Tensor]] = {}
     try:
         with torch.no_grad():
             for batch in duration_batches(entries, batch_seconds):
                 items = [dataset[wanted[i]] for i in batch]
-                audio, lengths = pad_sequences([item["audio"] for item in items])
-                out = model(audio.to(device), lengths.to(device))
-                log_probs = torch.log_softmax(upcast_half(out.ctc_logits) / temperature, dim=-1)
-                values, indices = log_probs.topk(k, dim=-1)  # (B, T, k), largest first
-                for row, item in enumerate(items):
-                    n = int(out.encoder_lengths[row])
-                    per_utt[item["index"]] = (
-                        values[row, :n].float().cpu(),
-                        indices[row, :n].to(index_dtype).cpu(),
-                    )
+                for factor in factors:
+                    waves = [torch.from_numpy(speed_perturb(item["audio"].numpy(), factor,
+                                                            dataset.sample_rate))
+                             for item in items]
+                    audio, lengths = pad_sequences(waves)
+                    out = model(audio.to(device), lengths.to(device))
+                    log_probs = torch.log_softmax(upcast_half(out.ctc_logits) / temperature,
+                                                  dim=-1)
+                    values, indices = log_probs.topk(k, dim=-1)  # (B, T, k), largest first
+                    for row, item in enumerate(items):
+                        n = int(out.encoder_lengths[row])
+                        per_copy[factor, item["index"]] = (
+                            values[row, :n].float().cpu(),
+                            indices[row, :n].to(index_dtype).cpu(),
+                        )
     finally:
         model.train(was_training)
 
-    ordered = [per_utt[i] for i in wanted]  # manifest order
+    # Manifest order, each utterance's speed copies together.
+    cache_keys = [speed_key(key, factor) for key in first for factor in factors]
+    ordered = [per_copy[factor, i] for i in wanted for factor in factors]
     lengths_t = torch.tensor([v.shape[0] for v, _ in ordered], dtype=torch.long)
     offsets = torch.zeros(len(ordered) + 1, dtype=torch.long)
     offsets[1:] = lengths_t.cumsum(0)
@@ -137,7 +155,8 @@ def cache_teacher(
         "subsampling_factor": model.subsampling_factor,
         "top_k": k,
         "temperature": float(temperature),
-        "keys": list(first),
+        "speed_factors": list(factors),
+        "keys": cache_keys,
         "lengths": lengths_t,
         "offsets": offsets,
         "values": torch.cat([v for v, _ in ordered]) if ordered else torch.zeros(0, k),
@@ -154,10 +173,20 @@ def cache_teacher(
     return {
         "path": str(out_path),
         "utterances": len(ordered),
+        "speed_factors": list(factors),
         "frames": int(lengths_t.sum()),
         "mb": round(out_path.stat().st_size / 2**20, 3),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def check_speed_factors(speed_factors: Sequence[float]) -> tuple[float, ...]:
+    """The distinct speed factors of a cache, sorted; ``()`` means the audio as is (1.0)."""
+    factors = tuple(sorted({float(f) for f in speed_factors})) or (1.0,)
+    bad = [f for f in factors if not (math.isfinite(f) and f > 0)]
+    if bad:
+        raise UserError(f"speed factors must be positive numbers, got {bad}")
+    return factors
 
 
 class TeacherCacheKeyError(UserError, KeyError):
@@ -172,8 +201,9 @@ class TeacherCache:
 
     Attributes:
         path, teacher_checkpoint, manifest, vocab_size, subsampling_factor, top_k,
-        temperature: the file's metadata.
-        keys: utterance keys (see :func:`utterance_key`), in manifest order.
+        temperature, speed_factors: the file's metadata.
+        keys: utterance keys (see :func:`speed_key`), in manifest order, each utterance's
+            speed copies together.
     """
 
     def __init__(self, path: str | Path) -> None:
@@ -191,6 +221,8 @@ class TeacherCache:
         self.subsampling_factor: int = int(payload["subsampling_factor"])
         self.top_k: int = int(payload["top_k"])
         self.temperature: float = float(payload["temperature"])
+        self.speed_factors: tuple[float, ...] = tuple(
+            float(f) for f in payload.get("speed_factors", [1.0]))
         self.keys: list[str] = list(payload["keys"])
         self._row = {key: row for row, key in enumerate(self.keys)}
         self._lengths: torch.Tensor = payload["lengths"]
@@ -213,6 +245,21 @@ class TeacherCache:
             self.subsampling_factor,
             student.subsampling_factor,
         )
+
+    def check_speed_factors(self, speed_factors: Sequence[float]) -> None:
+        """Raise a UserError unless the cache holds every speed copy a training set read
+        with ``speed_factors`` (``data.speed_factors``; empty: none) will produce."""
+        needed = check_speed_factors(speed_factors)
+        missing = [f for f in needed
+                   if not any(math.isclose(f, have) for have in self.speed_factors)]
+        if missing:
+            have = ", ".join(f"{f:g}" for f in self.speed_factors)
+            raise UserError(
+                f"the training set is read at speed factors {[f'{f:g}' for f in needed]} but "
+                f"the teacher cache {self.path} holds only {have}: rebuild it with "
+                "`asrkd cache-teacher --speed-factors "
+                + " ".join(f"{f:g}" for f in needed) + "`"
+            )
 
     def utterance(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One utterance's ``(values (T, k), indices (T, k) int64)``."""
@@ -418,6 +465,8 @@ __all__ = [
     "TeacherCache",
     "TeacherCacheKeyError",
     "cache_teacher",
+    "check_speed_factors",
     "duration_batches",
+    "speed_key",
     "utterance_key",
 ]
