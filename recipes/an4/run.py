@@ -79,6 +79,11 @@ def main() -> None:
     parser.add_argument("--exp", type=Path, help="default: exp/an4 (an4_rnnt for rnnt)")
     parser.add_argument("--decoding", help="test decoding for all three models "
                         f"(default: {FULL.decoding}; rnnt_greedy for rnnt)")
+    parser.add_argument("--teacher-cache", action=argparse.BooleanOptionalAction,
+                        default=FULL.kd_teacher_cache,
+                        help="distil from the teacher's CTC posteriors stored once per speed "
+                        "factor (ctc_kl only) instead of running the teacher on every KD step "
+                        "(transformer decoder only; default: %(default)s)")
     args = parser.parse_args()
     rnnt = args.decoder == "rnnt"
     name = "an4_rnnt" if rnnt else "an4"
@@ -94,7 +99,8 @@ def main() -> None:
         corpus_dir=corpus,
         exp_dir=args.exp,
         plan=replace(QUICK if args.quick else FULL, decoding=decoding,
-                     extra_decodings=("rnnt_beam", "ctc_greedy") if rnnt else ()),
+                     extra_decodings=("rnnt_beam", "ctc_greedy") if rnnt else (),
+                     kd_teacher_cache=args.teacher_cache and not rnnt),
         overrides=OVERRIDES,
         corpus_summary=stats["summary"],
         title="asrkd on real speech: CMU AN4" + (", transducers" if rnnt else ""),
