@@ -55,6 +55,27 @@ def test_onnx_matches_pytorch_on_real_speech(tmp_path, ljspeech_dir, decoder):
         _check_rnnt_graphs(model, onnx, encoded)
 
 
+def test_onnx_export_of_nemo_features(tmp_path, ljspeech_dir):
+    """NeMo's pre-emphasis, zero centre padding and S // hop frame count export too."""
+    from dataclasses import replace
+
+    from asrkd.data.audio_processing import FeatureConfig
+
+    torch.manual_seed(0)
+    config = replace(tiny_config("none"), features=FeatureConfig.nemo())
+    model = build_model(config, CharTokenizer.english()).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    onnx = OnnxASR(tmp_path / "m.onnx")
+    audio, lengths = _real_speech(ljspeech_dir, (1.3, 4.0))
+    with torch.no_grad():
+        encoded = model.encode(audio, lengths)
+        log_probs = model.ctc.log_probs(encoded.output)
+    got, got_lengths = onnx.ctc_log_probs(audio.numpy(), lengths.numpy())
+    assert got_lengths.tolist() == encoded.lengths.tolist()
+    for b, frames in enumerate(encoded.lengths.tolist()):
+        assert np.abs(got[b, :frames] - log_probs[b, :frames].numpy()).max() < 1e-4
+
+
 def _check_rnnt_graphs(model, onnx: OnnxASR, encoded) -> None:  # noqa: ANN001
     out, lengths = onnx.sessions["encoder"].run(None, {"audio": np.zeros((1, 16000), np.float32),
                                                        "audio_lengths": np.array([16000])})

@@ -36,6 +36,8 @@ def test_normalizer_policy_is_explicit():
     assert TextNormalizer(punctuation="keep")("hi, there") == "hi, there"
     with pytest.raises(ValueError, match="digits"):
         TextNormalizer(digits="roman")
+    # For tokenizers that normalise by themselves (an imported NeMo model's SentencePiece).
+    assert TextNormalizer(passthrough=True)("Don't stop, it's 1985!") == "Don't stop, it's 1985!"
 
 
 def test_number_to_words_one_speller_two_readings():

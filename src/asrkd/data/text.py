@@ -89,6 +89,9 @@ class TextNormalizer:
         punctuation: "remove" deletes other punctuation, "keep" leaves it.
         british_numbers: spell numbers with "and" ("one hundred and five").
         ascii_letters: keep only a-z, apostrophes and spaces (other characters become spaces).
+        passthrough: hand the text over unchanged and ignore the options above: for a
+            tokenizer that normalises by itself, such as an imported NeMo model's SentencePiece
+            (NeMo tokenises raw transcripts, case and punctuation included).
     """
 
     lowercase: bool = True
@@ -97,6 +100,7 @@ class TextNormalizer:
     punctuation: str = "remove"
     british_numbers: bool = False
     ascii_letters: bool = False
+    passthrough: bool = False
 
     def __post_init__(self) -> None:
         if self.digits not in ("spell", "keep", "drop"):
@@ -110,6 +114,8 @@ class TextNormalizer:
         return number_to_words(int(digits), self.british_numbers)
 
     def __call__(self, text: str) -> str:
+        if self.passthrough:
+            return text
         text = unicodedata.normalize("NFKC", text)
         text = text.replace("\u2019", "'").replace("\u2018", "'")
         if self.lowercase:
