@@ -422,6 +422,33 @@ def add_pseudo_label_parser(subparsers: argparse._SubParsersAction) -> argparse.
     return parser
 
 
+def cmd_import_nemo(args: argparse.Namespace) -> None:
+    """``asrkd import-nemo``: convert a NeMo checkpoint into an asrkd checkpoint."""
+    from asrkd.models.nemo_import import save_imported
+
+    summary = save_imported(args.nemo, args.out)
+    print(f"imported {summary['nemo_class'].rsplit('.', 1)[-1]} (NeMo "
+          f"{summary['nemo_version']}): {summary['params'] / 1e6:.2f} M parameters, "
+          f"{summary['pieces']} SentencePiece pieces -> {summary['checkpoint']}")
+
+
+def add_import_nemo_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Add the ``import-nemo`` subcommand to the ``asrkd`` parser's subparsers."""
+    parser = subparsers.add_parser(
+        "import-nemo",
+        help="turn a NeMo FastConformer CTC checkpoint (.nemo) into an asrkd checkpoint",
+        description="Read a .nemo file (NeMo itself is not needed) and write an asrkd "
+        "checkpoint with the same features, tokenizer and weights, which evaluate, infer, "
+        "export, KD (training.teacher_checkpoint), cache-teacher and pseudo-label take like "
+        "any other. Supported: EncDecCTCModelBPE with a FastConformer encoder; anything else is "
+        "refused with the config key that makes it unsupported.",
+    )
+    parser.add_argument("nemo", help="the .nemo file")
+    parser.add_argument("--out", required=True, help="asrkd checkpoint to write")
+    parser.set_defaults(func=cmd_import_nemo)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="asrkd", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -561,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cache_teacher_parser(sub)
     add_pseudo_label_parser(sub)
+    add_import_nemo_parser(sub)
     return parser
 
 

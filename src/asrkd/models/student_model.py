@@ -40,3 +40,31 @@ def student_cpu(decoder: str = "transformer") -> ModelConfig:
         rnnt=RNNTConfig(pred_dim=96, joint_dim=96, dropout=0.0),
         spec_augment=SpecAugmentConfig(freq_masks=2, freq_width=15, time_masks=5),
     )
+
+
+def student_nemo(decoder: str = "none") -> ModelConfig:
+    """Student of an imported NeMo FastConformer teacher (``asrkd import-nemo``).
+
+    NeMo's features (:meth:`FeatureConfig.nemo`, 80 mels, as every FastConformer checkpoint
+    uses) and 8x time reduction, so the teacher's CTC frames and the student's line up for
+    ``ctc_kl`` and ``hidden``; the tokenizer is the teacher's (KD takes it from
+    ``training.teacher_checkpoint``). The 8x comes from a ResNet1D frontend with three stride-2
+    stages (``ceil(L / 2)`` each, the same frame count as NeMo's dw-striding convs) and the
+    encoder only projects (``subsampling: none``), as in :func:`student_cpu`. Encoder shapes of
+    FastConformer-Small (d176, 16 layers, 4 heads): 12.8 M parameters with CTC over 1024
+    pieces, 9x fewer than a FastConformer-Large teacher's encoder alone (112 M). CTC only by
+    default (NeMo's CTC checkpoints); ``student_nemo_rnnt`` adds a transducer of NeMo-Small's
+    sizes.
+    """
+    return ModelConfig(
+        features=FeatureConfig.nemo(),
+        frontend=ResNet1DConfig(channels=(176, 176, 176), strides=(2, 2, 2), kernel_size=3),
+        encoder=FastConformerConfig(
+            d_model=176, n_heads=4, n_layers=16, subsampling="none", subsampling_factor=1,
+            dropout=0.1, dropout_pre_encoder=0.1, dropout_att=0.1,
+        ),
+        tokenizer=TokenizerConfig(kind="bpe", vocab_size=1024),
+        decoder=decoder,
+        rnnt=RNNTConfig(pred_dim=320, joint_dim=320, dropout=0.1),
+        spec_augment=SpecAugmentConfig(),
+    )
