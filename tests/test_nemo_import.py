@@ -27,7 +27,7 @@ from asrkd.models.nemo_import import NemoImportError, import_nemo, read_nemo
 from conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "data" / "nemo"
-VARIANTS = ("ctc_a", "ctc_b")
+VARIANTS = ("ctc", "rnnt", "hybrid")
 
 
 def _reference(variant: str) -> dict:
@@ -39,36 +39,58 @@ def _to_nemo_order(log_probs: torch.Tensor) -> torch.Tensor:
     return torch.cat([log_probs[:, 4:], log_probs[:, :1]], dim=1)
 
 
+def _check_against(model, reference: dict, shared: Path) -> None:
+    """Encoder output, CTC log-probs, RNN-T joint log-probs (over the lattice of the reference
+    transcript) and greedy transcripts of ``model`` against NeMo's ``reference``."""
+    waves = [torch.from_numpy(load_audio(shared / name)) for name in reference["utterances"]]
+    with torch.no_grad():
+        for i, wave in enumerate(waves):
+            encoded = model.encode(wave[None], torch.tensor([len(wave)]))
+            frames = int(encoded.lengths[0])
+            assert frames == reference["encoder"][i].shape[0]
+            torch.testing.assert_close(encoded.output[0, :frames], reference["encoder"][i],
+                                       atol=1e-4, rtol=0)
+            if reference["log_probs"]:
+                log_probs = model.ctc.log_probs(encoded.output)[0, :frames]
+                torch.testing.assert_close(_to_nemo_order(log_probs), reference["log_probs"][i],
+                                           atol=1e-4, rtol=0)
+                assert log_probs[:, 1:4].max() < -1000  # pad/bos/eos: rows NeMo lacks
+            if reference["joint"]:
+                expected = reference["joint"][i]  # (frames, U + 1, N + 1)
+                targets = torch.tensor([model.tokenizer.encode(reference["texts"][i])])
+                assert targets.shape[1] + 1 == expected.shape[1]
+                logits = model.decoder.joint(encoded.output[:, : expected.shape[0]],
+                                             model.decoder.prediction(targets))[0]
+                got = logits.log_softmax(-1)
+                torch.testing.assert_close(torch.cat([got[..., 4:], got[..., :1]], -1), expected,
+                                           atol=1e-4, rtol=0)
+        # NeMo's own greedy transcripts (model.transcribe), here from one padded batch.
+        audio = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
+        lengths = torch.tensor([len(w) for w in waves])
+        assert [h.text for h in model.infer(audio, lengths)] == reference["greedy"]
+        if "ctc_greedy" in reference:  # a hybrid's CTC head
+            texts = [h.text for h in model.infer(audio, lengths, method="ctc_greedy")]
+            assert texts == reference["ctc_greedy"]
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_imported_model_computes_what_nemo_computes(variant, an4_dir):
     model, summary = import_nemo(FIXTURES / f"{variant}.nemo")
     reference = _reference(variant)
-    assert summary["pieces"] == reference["log_probs"][0].shape[1] - 1
-    waves = [torch.from_numpy(load_audio(an4_dir.parent / name))
-             for name in reference["utterances"]]
-    lengths = torch.tensor([len(w) for w in waves])
-    with torch.no_grad():
-        for wave, enc_ref, lp_ref in zip(waves, reference["encoder"], reference["log_probs"]):
-            encoded = model.encode(wave[None], torch.tensor([len(wave)]))
-            frames = int(encoded.lengths[0])
-            assert frames == enc_ref.shape[0]
-            torch.testing.assert_close(encoded.output[0, :frames], enc_ref, atol=1e-4, rtol=0)
-            log_probs = model.ctc.log_probs(encoded.output)[0, :frames]
-            torch.testing.assert_close(_to_nemo_order(log_probs), lp_ref, atol=1e-4, rtol=0)
-            assert log_probs[:, 1:4].max() < -1000  # pad/bos/eos: rows NeMo does not have
-        # NeMo's own greedy transcripts (model.transcribe), one padded batch here.
-        audio = torch.nn.utils.rnn.pad_sequence(waves, batch_first=True)
-        texts = [h.text for h in model.infer(audio, lengths, method="ctc_greedy")]
-    assert texts == reference["greedy"]
-    assert any(len(t.split()) > 1 for t in texts)  # the fixture is not degenerate
+    assert summary["pieces"] == 40
+    assert (model.ctc is not None) == (variant != "rnnt")
+    assert (model.decoder is not None) == (variant != "ctc")
+    _check_against(model, reference, an4_dir.parent)
+    # The fixtures are not degenerate: some transcript has two words.
+    assert any(len(t.split()) > 1 for t in reference.get("ctc_greedy", reference["greedy"]))
 
 
 def test_checkpoint_from_the_cli_tokenises_like_nemo(tmp_path, capsys):
     out = tmp_path / "teacher.ckpt"
-    assert main(["import-nemo", str(FIXTURES / "ctc_a.nemo"), "--out", str(out)]) == 0
-    assert "EncDecCTCModelBPE" in capsys.readouterr().out
+    assert main(["import-nemo", str(FIXTURES / "hybrid.nemo"), "--out", str(out)]) == 0
+    assert "EncDecHybridRNNTCTCBPEModel" in capsys.readouterr().out
     model = load_checkpoint(out)
-    imported, _ = import_nemo(FIXTURES / "ctc_a.nemo")
+    imported, _ = import_nemo(FIXTURES / "hybrid.nemo")
     for key, value in imported.state_dict().items():
         assert torch.equal(model.state_dict()[key], value), key
     # NeMo's ids are SentencePiece's; asrkd's are the same pieces 4 places on, and the text
@@ -80,13 +102,15 @@ def test_checkpoint_from_the_cli_tokenises_like_nemo(tmp_path, capsys):
     text = "rubout g m e f three nine"
     assert tokenizer.decode(tokenizer.encode(text)) == processor.decode(processor.encode(text))
     assert model.features.config.preemphasis == 0.97 and model.features.config.n_mels == 64
-    assert model.frontend is None and model.decoder is None
+    assert model.frontend is None and model.config.decoding.method == "rnnt_greedy"
+    assert model.config.rnnt.joint_activation == "relu"
+    assert model.config.rnnt.max_symbols_per_frame == 10
 
 
 def test_imported_model_exports_to_onnx(tmp_path):
     from asrkd.export import OnnxASR, export_onnx
 
-    model, _ = import_nemo(FIXTURES / "ctc_b.nemo")
+    model, _ = import_nemo(FIXTURES / "ctc.nemo")
     export_onnx(model, tmp_path / "m.onnx")
     torch.manual_seed(0)
     audio = 0.1 * torch.randn(2, 16000)
@@ -130,7 +154,7 @@ def _rewrite(source: Path, target: Path, config_changes: dict | None = None,
 
 
 @pytest.mark.parametrize(("change", "named"), [
-    ({"target": "nemo.collections.asr.models.rnnt_bpe_models.EncDecRNNTBPEModel"}, "target="),
+    ({"target": "nemo.collections.asr.models.ctc_models.EncDecCTCModel"}, "target="),
     ({"encoder.subsampling": "striding"}, "encoder.subsampling='striding'"),
     ({"encoder.self_attention_model": "abs_pos"}, "encoder.self_attention_model='abs_pos'"),
     ({"encoder.att_context_size": [[70, 13], [70, 0]]}, "encoder.att_context_size="),
@@ -142,9 +166,16 @@ def _rewrite(source: Path, target: Path, config_changes: dict | None = None,
     ({"preprocessor.frame_splicing": 3}, "preprocessor.frame_splicing=3"),
     ({"preprocessor.exact_pad": True}, "preprocessor.exact_pad=True"),
     ({"preprocessor.features": 80}, "preprocessor.featurizer.fb"),
+    ({"joint.jointnet.activation": "sigmoid"}, "joint.jointnet.activation='sigmoid'"),
+    ({"joint.num_extra_outputs": 5}, "joint.num_extra_outputs=5"),
+    ({"decoder.prednet.norm": "layer"}, "decoder.prednet.norm='layer'"),
+    ({"decoder._target_": "nemo.collections.asr.modules.StatelessTransducerDecoder"},
+     "decoder._target_="),
 ])
 def test_unsupported_models_are_refused_by_name(tmp_path, change, named):
-    path = _rewrite(FIXTURES / "ctc_a.nemo", tmp_path / "m.nemo", change)
+    transducer = any(key.startswith(("joint", "decoder")) for key in change)
+    source = FIXTURES / ("rnnt.nemo" if transducer else "ctc.nemo")
+    path = _rewrite(source, tmp_path / "m.nemo", change)
     if "features" in next(iter(change)):  # the mel count must also be the encoder's input
         path = _rewrite(path, tmp_path / "m2.nemo", {"encoder.feat_in": 80})
     with pytest.raises(NemoImportError, match=named.replace("[", r"\[")):
@@ -152,7 +183,7 @@ def test_unsupported_models_are_refused_by_name(tmp_path, change, named):
 
 
 def test_unknown_weights_are_refused(tmp_path, capsys):
-    path = _rewrite(FIXTURES / "ctc_a.nemo", tmp_path / "m.nemo",
+    path = _rewrite(FIXTURES / "ctc.nemo", tmp_path / "m.nemo",
                     extra_weights={"encoder.layers.0.adapter_layer.linear.weight":
                                    torch.zeros(2, 2)})
     with pytest.raises(NemoImportError, match="adapter_layer"):
@@ -180,13 +211,8 @@ def test_live_nemo(tmp_path, an4_dir):
                    capture_output=True)
     for variant in VARIANTS:
         model, _ = import_nemo(tmp_path / f"{variant}.nemo")
-        reference = torch.load(tmp_path / f"{variant}.pt", weights_only=True)
-        for name, expected in zip(reference["utterances"], reference["log_probs"]):
-            wave = torch.from_numpy(load_audio(an4_dir.parent / name))
-            with torch.no_grad():
-                encoded = model.encode(wave[None], torch.tensor([len(wave)]))
-                got = model.ctc.log_probs(encoded.output)[0, : int(encoded.lengths[0])]
-            torch.testing.assert_close(_to_nemo_order(got), expected, atol=1e-4, rtol=0)
+        _check_against(model, torch.load(tmp_path / f"{variant}.pt", weights_only=True),
+                       an4_dir.parent)
 
 
 @pytest.mark.slow
@@ -198,7 +224,7 @@ def test_student_distils_from_an_imported_teacher(tmp_path, an4_dir):
     from asrkd.training.pipeline import load_run_config, train
 
     teacher = tmp_path / "teacher.ckpt"
-    assert main(["import-nemo", str(FIXTURES / "ctc_a.nemo"), "--out", str(teacher)]) == 0
+    assert main(["import-nemo", str(FIXTURES / "ctc.nemo"), "--out", str(teacher)]) == 0
     manifest = tmp_path / "an4.jsonl"
     rows = [json.loads(line) for line in
             (an4_dir / "manifest_test.jsonl").read_text().splitlines()[:6]]
@@ -209,12 +235,21 @@ def test_student_distils_from_an_imported_teacher(tmp_path, an4_dir):
         f"training.teacher_checkpoint={teacher}", f"output_dir={tmp_path / 'student'}",
         f"data.train_manifest={manifest}", f"data.val_manifest={manifest}",
         "model.frontend.channels=[32,32,32]", "model.encoder.d_model=32",
-        "model.encoder.n_layers=1", "data.max_batch_seconds=20", "data.speed_factors=[]",
-        "trainer.max_steps=2", "trainer.max_epochs=-1", "trainer.enable_progress_bar=false",
-        "trainer.enable_model_summary=false",
+        "model.encoder.n_layers=1", "model.spec_augment=null", "data.max_batch_seconds=40",
+        "data.speed_factors=[]", "training.optim.lr=3e-3", "training.optim.warmup_steps=2",
+        "model.encoder.dropout=0.0", "model.encoder.dropout_pre_encoder=0.0",
+        "trainer.max_steps=12", "trainer.max_epochs=-1", "trainer.log_every_n_steps=1",
+        "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     ]
     result = train(load_run_config(["student_kd_nemo"], overrides))
-    assert result["steps"] == 2
+    assert result["steps"] == 12
+    # The KD loss falls: the student learns from the imported teacher.
+    import csv
+
+    rows = list(csv.DictReader(open(tmp_path / "student" / "logs" / "version_0" /
+                                    "metrics.csv")))
+    kd = [float(r["train/kd_ctc_kl"]) for r in rows if r.get("train/kd_ctc_kl")]
+    assert len(kd) == 12 and sum(kd[-3:]) < 0.8 * sum(kd[:3]), kd
     student = load_checkpoint(tmp_path / "student" / "model.ckpt")
     assert student.tokenizer.to_dict() == load_checkpoint(teacher).tokenizer.to_dict()
     assert student.subsampling_factor == 8 and not student.features.config.count_last_frame

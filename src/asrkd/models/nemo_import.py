@@ -1,4 +1,4 @@
-"""Import NVIDIA NeMo FastConformer CTC checkpoints (``.nemo``) as asrkd models.
+"""Import NVIDIA NeMo FastConformer checkpoints (``.nemo``: CTC, RNN-T, hybrid) as asrkd models.
 
 ``asrkd import-nemo MODEL.nemo --out teacher.ckpt`` writes an ordinary asrkd checkpoint, so
 evaluate, infer, export, KD, ``cache-teacher`` and ``pseudo-label`` work on it unchanged. NeMo
@@ -6,23 +6,26 @@ itself is never imported: a ``.nemo`` file is a tar archive (gzip-compressed bef
 holding ``model_config.yaml``, ``model_weights.ckpt`` (a plain state dict) and the tokenizer
 files the config names as ``nemo:<file>``.
 
-Supported: ``EncDecCTCModelBPE`` with a ``ConformerEncoder`` (FastConformer ``dw_striding``
-subsampling, ``rel_pos`` attention with full or limited ``[left, right]`` context, batch or
-layer norm in the conv module, symmetric or causal convolutions, with or without biases,
-xscaling on or off, tied or untied positional biases, any width, depth, heads, kernel and mel
-count) and a SentencePiece BPE tokenizer. Everything else is refused with a message that names
-the config key and its value, before any weights are read. Every weight of the checkpoint must
-be used: an unknown one (an adapter, say) is an error too.
+Supported: ``EncDecCTCModelBPE``, ``EncDecRNNTBPEModel`` and ``EncDecHybridRNNTCTCBPEModel``
+(an LSTM prediction network, a relu or tanh joint) with a ``ConformerEncoder`` (FastConformer
+``dw_striding`` subsampling, ``rel_pos`` attention with full or limited ``[left, right]``
+context, batch or layer norm in the conv module, symmetric or causal convolutions, with or
+without biases, xscaling on or off, tied or untied positional biases, any width, depth, heads,
+kernel and mel count) and a SentencePiece BPE tokenizer. Everything else is refused with a
+message that names the config key and its value, before any weights are read. Every weight of
+the checkpoint must be used: an unknown one (an adapter, say) is an error too.
 
 How NeMo's numbers map to asrkd's:
 
 * features: NeMo's ``AudioToMelSpectrogramPreprocessor`` settings become
   :meth:`FeatureConfig.nemo` (pre-emphasis, Slaney mel bank, ``S // hop`` frames, ...), and the
   mel bank and window stored in the weights are checked against the ones asrkd computes;
-* vocabulary: NeMo's CTC outputs are the SentencePiece pieces ``0..N-1`` then the blank ``N``;
-  asrkd's are blank ``0``, pad/bos/eos ``1..3``, then the pieces from ``4`` (piece 0 is
-  ``<unk>``). The output rows are reordered to match, and the three rows NeMo does not have get
-  zero weights and a bias of -1e4, so they take no probability mass;
+* vocabulary: NeMo's CTC and joint outputs are the SentencePiece pieces ``0..N-1`` then the
+  blank ``N``; asrkd's are blank ``0``, pad/bos/eos ``1..3``, then the pieces from ``4``
+  (piece 0 is ``<unk>``). The output rows are reordered to match, and the three rows NeMo does
+  not have get zero weights and a bias of -1e4, so they take no probability mass. The
+  prediction network's embedding rows move the same way; asrkd starts it with the blank, whose
+  row is zero, which is NeMo's zero start vector;
 * text: NeMo tokenises transcripts with SentencePiece and nothing else, so the tokenizer gets a
   pass-through :class:`TextNormalizer` (case and punctuation reach SentencePiece as written);
 * layers: ``linear_q/k/v`` are concatenated into asrkd's one ``qkv`` projection, 1x1
@@ -44,10 +47,21 @@ from asrkd.data.audio_processing import FeatureConfig, SpecAugmentConfig, mel_fi
 from asrkd.data.text import TextNormalizer
 from asrkd.data.tokenizer import SPECIAL_TOKENS, SentencePieceTokenizer
 from asrkd.errors import UserError
-from asrkd.models.e2e_asr import E2EASR, ModelConfig, TokenizerConfig, build_model
+from asrkd.models.e2e_asr import (
+    E2EASR,
+    DecodingConfig,
+    ModelConfig,
+    TokenizerConfig,
+    build_model,
+)
 from asrkd.models.encoder import FastConformerConfig
+from asrkd.models.rnnt import RNNTConfig
 
-CTC_TARGETS = ("nemo.collections.asr.models.ctc_bpe_models.EncDecCTCModelBPE",)
+_MODELS = "nemo.collections.asr.models."
+CTC_TARGET = _MODELS + "ctc_bpe_models.EncDecCTCModelBPE"
+RNNT_TARGET = _MODELS + "rnnt_bpe_models.EncDecRNNTBPEModel"
+HYBRID_TARGET = _MODELS + "hybrid_rnnt_ctc_bpe_models.EncDecHybridRNNTCTCBPEModel"
+TARGETS = (CTC_TARGET, RNNT_TARGET, HYBRID_TARGET)
 # NeMo's constructor defaults (nemo 3.0), used where a config leaves a key out, as NeMo does.
 ENCODER_DEFAULTS: dict[str, Any] = {
     "feat_out": -1, "causal_downsampling": False, "subsampling": "striding",
@@ -363,18 +377,84 @@ def encoder_state(w: _Weights, config: FastConformerConfig, use_bias: bool,
     return out
 
 
-def ctc_rows(weight: torch.Tensor, bias: torch.Tensor, pieces: int
+def ctc_rows(weight: torch.Tensor, bias: torch.Tensor, pieces: int, what: str = "CTC layer"
              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Reorder NeMo's CTC output rows (pieces ``0..N-1``, blank ``N``) into asrkd's (blank
-    ``0``, pad/bos/eos ``1..3`` absent, pieces from ``4``)."""
+    """Reorder NeMo's output rows (pieces ``0..N-1``, blank ``N``) into asrkd's (blank ``0``,
+    pad/bos/eos ``1..3`` absent, pieces from ``4``)."""
     if weight.shape[0] != pieces + 1:
-        raise NemoImportError(f"the CTC layer has {weight.shape[0]} outputs; the tokenizer's "
+        raise NemoImportError(f"the {what} has {weight.shape[0]} outputs; the tokenizer's "
                               f"{pieces} pieces and a blank make {pieces + 1}")
     absent = len(SPECIAL_TOKENS) - 2  # pad, bos, eos (blank and unk exist in both)
     dim = weight.shape[1]
     new_weight = torch.cat([weight[pieces:], torch.zeros(absent, dim), weight[:pieces]])
     new_bias = torch.cat([bias[pieces:], torch.full((absent,), ABSENT_ROW_BIAS), bias[:pieces]])
     return new_weight, new_bias
+
+
+def rnnt_config(config: dict) -> RNNTConfig:
+    """asrkd's :class:`RNNTConfig` for a NeMo transducer's ``decoder`` and ``joint`` sections."""
+    decoder = config.get("decoder") or {}
+    joint = config.get("joint") or {}
+    if not str(decoder.get("_target_", "")).endswith(".RNNTDecoder"):
+        raise _refuse("decoder._target_", decoder.get("_target_"),
+                      "only RNNTDecoder (an LSTM prediction network)")
+    if not str(joint.get("_target_", "")).endswith(".RNNTJoint"):
+        raise _refuse("joint._target_", joint.get("_target_"), "only RNNTJoint")
+    if not decoder.get("blank_as_pad", True):
+        raise _refuse("decoder.blank_as_pad", decoder.get("blank_as_pad"), "only true")
+    if decoder.get("normalization_mode") is not None:
+        raise _refuse("decoder.normalization_mode", decoder.get("normalization_mode"),
+                      "only null")
+    prednet = {"pred_rnn_layers": 1, "norm": None, "rnn_hidden_size": -1, "dropout": 0.0,
+               **(decoder.get("prednet") or {})}
+    if prednet["norm"] is not None:
+        raise _refuse("decoder.prednet.norm", prednet["norm"], "only null")
+    hidden = int(prednet["pred_hidden"])
+    if int(prednet["rnn_hidden_size"] or -1) not in (-1, hidden):
+        raise _refuse("decoder.prednet.rnn_hidden_size", prednet["rnn_hidden_size"],
+                      "only the embedding width, pred_hidden")
+    jointnet = {"activation": "relu", "dropout": 0.0, **(joint.get("jointnet") or {})}
+    if jointnet["activation"] not in ("relu", "tanh"):
+        raise _refuse("joint.jointnet.activation", jointnet["activation"], "relu or tanh")
+    extra = int(joint.get("num_extra_outputs", 0) or 0)
+    durations = (config.get("model_defaults") or {}).get("tdt_durations")
+    if extra or durations:
+        raise _refuse("joint.num_extra_outputs", extra or durations,
+                      "TDT duration outputs are not supported")
+    greedy = ((config.get("decoding") or {}).get("greedy") or {})
+    max_symbols = greedy.get("max_symbols", greedy.get("max_symbols_per_step", 10))
+    return RNNTConfig(pred_dim=hidden, pred_layers=int(prednet["pred_rnn_layers"]),
+                      joint_dim=int(jointnet["joint_hidden"]),
+                      dropout=float(prednet["dropout"] or 0.0),
+                      max_symbols_per_frame=int(max_symbols or 10),
+                      joint_activation=jointnet["activation"])
+
+
+def rnnt_state(w: _Weights, config: RNNTConfig, pieces: int) -> dict[str, torch.Tensor]:
+    """asrkd's transducer state dict (keys under ``decoder.``) from NeMo's weights."""
+    out: dict[str, torch.Tensor] = {}
+    embed = w.take("decoder.prediction.embed.weight")
+    if embed.shape[0] != pieces + 1:
+        raise NemoImportError(f"the prediction network embeds {embed.shape[0]} symbols; the "
+                              f"tokenizer's {pieces} pieces and a blank make {pieces + 1}")
+    # Row 0, asrkd's blank, is the start symbol: NeMo starts from a zero vector (and keeps its
+    # blank row, the padding index, at zero). pad/bos/eos are never fed.
+    absent = len(SPECIAL_TOKENS) - 1
+    out["decoder.prediction.embed.weight"] = torch.cat([torch.zeros(absent, embed.shape[1]),
+                                                        embed[:pieces]])
+    for layer in range(config.pred_layers):
+        for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh"):
+            out[f"decoder.prediction.lstm.{kind}_l{layer}"] = w.take(
+                f"decoder.prediction.dec_rnn.lstm.{kind}_l{layer}")
+    for nemo_name, ours in (("enc", "encoder_proj"), ("pred", "pred_proj")):
+        out[f"decoder.joint.{ours}.weight"] = w.take(f"joint.{nemo_name}.weight")
+        out[f"decoder.joint.{ours}.bias"] = w.take(f"joint.{nemo_name}.bias")
+    # joint_net is [activation, (dropout), Linear]: the output layer is its last entry.
+    last = max(int(k.split(".")[2]) for k in w.state if k.startswith("joint.joint_net."))
+    out["decoder.joint.output.weight"], out["decoder.joint.output.bias"] = ctc_rows(
+        w.take(f"joint.joint_net.{last}.weight"), w.take(f"joint.joint_net.{last}.bias"),
+        pieces, what="joint network")
+    return out
 
 
 def _check_buffers(w: _Weights, features: FeatureConfig) -> None:
@@ -413,34 +493,54 @@ def import_nemo(path: str | Path) -> tuple[E2EASR, dict]:
     archive = read_nemo(path)
     config = archive.config
     target = str(config.get("target", ""))
-    if target not in CTC_TARGETS:
-        raise _refuse("target", target, f"supported: {', '.join(CTC_TARGETS)}")
+    if target not in TARGETS:
+        raise _refuse("target", target, f"supported: {', '.join(TARGETS)}")
     features = feature_config(_section(config, "preprocessor", {}))
     nemo_encoder = _section(config, "encoder", ENCODER_DEFAULTS)
     encoder = encoder_config(nemo_encoder)
     if encoder.input_dim != features.n_mels:
         raise _refuse("encoder.feat_in", encoder.input_dim,
                       f"the preprocessor makes {features.n_mels} features")
-    decoder = config.get("decoder") or {}
-    if not str(decoder.get("_target_", "")).endswith("ConvASRDecoder"):
-        raise _refuse("decoder._target_", decoder.get("_target_"), "only ConvASRDecoder (CTC)")
+    # The CTC layer: the model's decoder (CTC models) or its auxiliary CTC decoder (hybrids).
+    ctc_section, ctc_prefix = None, None
+    if target == CTC_TARGET:
+        ctc_section, ctc_prefix = ("decoder", config.get("decoder") or {}), "decoder"
+    elif target == HYBRID_TARGET:
+        aux = config.get("aux_ctc") or {}
+        ctc_section, ctc_prefix = ("aux_ctc.decoder", aux.get("decoder") or {}), "ctc_decoder"
+    if ctc_section is not None and not str(ctc_section[1].get("_target_", "")).endswith(
+            "ConvASRDecoder"):
+        raise _refuse(f"{ctc_section[0]}._target_", ctc_section[1].get("_target_"),
+                      "only ConvASRDecoder (CTC)")
+    rnnt = rnnt_config(config) if target != CTC_TARGET else None
     tokenizer = _tokenizer(archive)
     pieces = tokenizer.processor.get_piece_size()
     model_config = ModelConfig(
         features=features, spec_augment=spec_augment_config(config.get("spec_augment")),
-        frontend=None, encoder=encoder, decoder="none", ctc=True,
+        frontend=None, encoder=encoder, decoder="none" if rnnt is None else "rnnt",
+        rnnt=rnnt or RNNTConfig(), ctc=ctc_prefix is not None,
         tokenizer=TokenizerConfig(kind="bpe", vocab_size=tokenizer.vocab_size),
+        # NeMo's default search: its transducer for RNN-T and hybrid models.
+        decoding=DecodingConfig(method="auto" if rnnt is None else "rnnt_greedy"),
     )
     weights = _Weights(archive.load_weights())
     _check_buffers(weights, features)
     state = encoder_state(weights, encoder, use_bias=bool(nemo_encoder["use_bias"]))
-    ctc_weight = weights.take("decoder.decoder_layers.0.weight")
-    ctc_bias = weights.take("decoder.decoder_layers.0.bias")
-    state["ctc.proj.weight"], state["ctc.proj.bias"] = ctc_rows(
-        ctc_weight.reshape(ctc_weight.shape[0], -1), ctc_bias, pieces)
+    if ctc_prefix is not None:
+        ctc_weight = weights.take(f"{ctc_prefix}.decoder_layers.0.weight")
+        ctc_bias = weights.take(f"{ctc_prefix}.decoder_layers.0.bias")
+        state["ctc.proj.weight"], state["ctc.proj.bias"] = ctc_rows(
+            ctc_weight.reshape(ctc_weight.shape[0], -1), ctc_bias, pieces)
+    if rnnt is not None:
+        state.update(rnnt_state(weights, rnnt, pieces))
     weights.finish()
     model = build_model(model_config, tokenizer)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as error:  # shapes the config did not announce
+        first = str(error).splitlines()[1:2] or [str(error)]
+        raise NemoImportError(f"the weights do not fit model_config.yaml: "
+                              f"{first[0].strip()}") from None
     if missing or unexpected:  # a mapping bug, not the user's file
         raise RuntimeError(f"import-nemo mapping incomplete: missing {missing}, "
                            f"unexpected {unexpected}")
@@ -460,4 +560,4 @@ def save_imported(path: str | Path, out: str | Path) -> dict:
 
 
 __all__ = ["NemoImportError", "encoder_config", "feature_config", "import_nemo", "read_nemo",
-           "save_imported"]
+           "rnnt_config", "save_imported"]
