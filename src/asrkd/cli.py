@@ -365,17 +365,24 @@ def add_cache_teacher_parser(subparsers: argparse._SubParsersAction) -> argparse
 def cmd_pseudo_label(args: argparse.Namespace) -> None:
     """``asrkd pseudo-label``: write the kept pseudo-labels and print the report."""
     from asrkd.training.pseudo_labels import format_report, pseudo_label
+    from asrkd.transcribers import HF_KINDS, load_transcriber
     from asrkd.utils.threads import torch_threads
 
+    external = args.ckpt.partition(":")[0] in HF_KINDS
+    agreement = args.agreement_with
+    if agreement is None:  # the default: a second decoding where the teacher has one
+        agreement = None if external else "ctc_greedy"
     with torch_threads(args.threads):
+        teacher = load_transcriber(args.ckpt, args.method, args.beam_size) if external else \
+            args.ckpt
         report = pseudo_label(
-            args.ckpt,
+            teacher,
             args.manifest,
             args.out,
-            method=args.method,
+            method=None if external else args.method,
             beam_size=args.beam_size,
             min_confidence=args.min_confidence,
-            agreement_with=args.agreement_with,
+            agreement_with=agreement,
             min_agreement=args.min_agreement,
             batch_seconds=args.batch_seconds,
         )
@@ -393,7 +400,10 @@ def add_pseudo_label_parser(subparsers: argparse._SubParsersAction) -> argparse.
         "transcripts that pass the confidence and agreement filters, write them as a manifest. "
         "Negative thresholds other than plain numbers need '=': --min-confidence=-inf.",
     )
-    parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
+    parser.add_argument("--ckpt", required=True,
+                        help="the teacher: an asrkd checkpoint (an imported NeMo model too), or "
+                        "hf-ctc:FOLDER (a local Hugging Face CTC model folder such as "
+                        "wav2vec2's; needs the transformers package)")
     parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
     parser.add_argument("--out", required=True, help="pseudo-labelled JSONL manifest to write")
     parser.add_argument("--method", default=None, help="decoding method (default: model's)")
@@ -406,8 +416,9 @@ def add_pseudo_label_parser(subparsers: argparse._SubParsersAction) -> argparse.
     )
     parser.add_argument(
         "--agreement-with",
-        default="ctc_greedy",
-        help="second decoding to compare with, or 'none' (default ctc_greedy)",
+        default=None,
+        help="second decoding of an asrkd teacher to compare with, or 'none' (default: "
+        "ctc_greedy for asrkd teachers, none for Hugging Face ones)",
     )
     parser.add_argument(
         "--min-agreement",

@@ -34,14 +34,19 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from asrkd.data.dataset import ManifestDataset, duration_batches
+from asrkd.data.text import TextNormalizer
 from asrkd.errors import UserError
-from asrkd.models.common import Hypothesis, pad_sequences
+from asrkd.models.common import Hypothesis
 from asrkd.models.e2e_asr import DECODING_METHODS, E2EASR, load_checkpoint
 from asrkd.utils.metrics import align_counts, char_errors, corpus_error_rates
+
+if TYPE_CHECKING:
+    from asrkd.transcribers import Transcriber
 
 DROP_REASONS = ("empty transcript", "low confidence", "low agreement")
 
@@ -171,7 +176,7 @@ def _check_method(model: E2EASR, method: str, what: str) -> None:
 
 
 def pseudo_label(
-    checkpoint: str | Path | E2EASR,
+    checkpoint: str | Path | E2EASR | Transcriber,
     manifest: str | Path,
     out_manifest: str | Path,
     method: str | None = None,
@@ -184,7 +189,9 @@ def pseudo_label(
     """Transcribe a manifest with the teacher and write the confident transcripts.
 
     Args:
-        checkpoint: teacher checkpoint path or :class:`E2EASR`.
+        checkpoint: the teacher: an asrkd checkpoint path or :class:`E2EASR`, or any
+            :class:`~asrkd.transcribers.Transcriber` (a Hugging Face model, ...; those give
+            one transcript each, so ``agreement_with`` must be None).
         manifest: NeMo JSONL manifest; ``text`` is optional (unlabelled audio).
         out_manifest: JSONL to write (atomically): one line per kept utterance, the input
             line's fields with an absolute ``audio_filepath``, ``text`` = teacher transcript,
@@ -207,35 +214,45 @@ def pseudo_label(
         (every transcript vs references, before filtering), ``warning`` (when nothing was
         kept), settings and ``seconds``.
     """
-    start = time.perf_counter()
-    model = checkpoint if isinstance(checkpoint, E2EASR) else load_checkpoint(checkpoint)
-    if agreement_with is None or agreement_with.strip().lower() in ("", "none"):
-        agreement_with = None
-    method = method or model.decoder_method()
-    _check_method(model, method, "method")
-    if agreement_with is not None:
-        _check_method(model, agreement_with, "agreement_with")
-    length_penalty = model.config.decoding.length_penalty if model.config is not None else 1.0
-    normalizer = model.tokenizer.normalizer
+    from asrkd.transcribers import ModelTranscriber
 
-    dataset = ManifestDataset(manifest, require_text=False)
+    start = time.perf_counter()
+    if agreement_with is not None and agreement_with.strip().lower() in ("", "none"):
+        agreement_with = None
+    if isinstance(checkpoint, (str, Path)):
+        checkpoint = load_checkpoint(checkpoint)
+    if isinstance(checkpoint, E2EASR):
+        teacher = ModelTranscriber(checkpoint, method, beam_size)
+        if agreement_with is not None:
+            _check_method(checkpoint, agreement_with, "agreement_with")
+        second = (ModelTranscriber(checkpoint, agreement_with, beam_size)
+                  if agreement_with is not None else None)
+        normalizer = checkpoint.tokenizer.normalizer
+    else:
+        if agreement_with is not None:
+            raise UserError(f"agreement_with={agreement_with!r} needs an asrkd teacher (two "
+                            f"decodings of one model); {checkpoint.name} gives one transcript")
+        if method is not None:
+            raise UserError(f"method={method!r} applies to asrkd teachers only")
+        teacher, second = checkpoint, None
+        normalizer = TextNormalizer()  # external text: compare normalised with the references
+    method = teacher.method if isinstance(teacher, ModelTranscriber) else teacher.name
+
+    dataset = ManifestDataset(manifest, require_text=False, sample_rate=teacher.sample_rate)
     entries = dataset.entries
-    hypotheses: list[Hypothesis | None] = [None] * len(entries)
+    transcripts: list = [None] * len(entries)
     agreement: list[float | None] = [None] * len(entries)
     for batch in duration_batches(entries, batch_seconds):
-        items = [dataset[i] for i in batch]
-        audio, lengths = pad_sequences([item["audio"] for item in items])
-        found = model.infer(audio, lengths, method=method, beam_size=beam_size)
-        second = None
-        if agreement_with is not None:
-            second = model.infer(audio, lengths, method=agreement_with, beam_size=beam_size)
+        audio = [dataset[i]["audio"].numpy() for i in batch]
+        found = teacher.transcribe(audio)
+        other = second.transcribe(audio) if second is not None else None
         for row, index in enumerate(batch):
-            hypotheses[index] = found[row]
-            if second is not None:
-                agreement[index] = transcript_agreement(found[row].text, second[row].text)
+            transcripts[index] = found[row]
+            if other is not None:
+                agreement[index] = transcript_agreement(found[row].text, other[row].text)
 
-    confidence = [per_token_confidence(h, method, length_penalty) for h in hypotheses]
-    n_tokens = [len(h.tokens) for h in hypotheses]
+    confidence = [t.confidence for t in transcripts]
+    n_tokens = [t.units for t in transcripts]
     keep, share = filter_pseudo_labels(
         confidence,
         n_tokens,
@@ -272,7 +289,7 @@ def pseudo_label(
             original = record.pop("text", None)
             # Absolute path: the output manifest may live in another folder than the input.
             record["audio_filepath"] = str(entry.audio_filepath)
-            record["text"] = hypotheses[index].text
+            record["text"] = transcripts[index].text
             record["teacher_confidence"] = round(confidence[index], 4)
             if agreement[index] is not None:
                 record["teacher_agreement"] = round(agreement[index], 4)
@@ -289,7 +306,7 @@ def pseudo_label(
             return None
         return corpus_error_rates(
             [normalizer(entries[i].text) for i in indices],
-            [hypotheses[i].text for i in indices],
+            [normalizer(transcripts[i].text) for i in indices],
         )
 
     kept_rates, all_rates = rates(kept_labelled), rates(labelled)
