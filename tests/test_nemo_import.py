@@ -253,3 +253,41 @@ def test_student_distils_from_an_imported_teacher(tmp_path, an4_dir):
     student = load_checkpoint(tmp_path / "student" / "model.ckpt")
     assert student.tokenizer.to_dict() == load_checkpoint(teacher).tokenizer.to_dict()
     assert student.subsampling_factor == 8 and not student.features.config.count_last_frame
+
+
+def test_teacher_cache_of_an_imported_teacher_checks_frame_timing(tmp_path, an4_dir):
+    """A cache records the teacher's frame timing; a student whose frames do not line up with
+    it (asrkd's default features count one frame more than NeMo's) is refused before training,
+    one that counts like NeMo is accepted."""
+    from dataclasses import replace
+
+    from asrkd.data.audio_processing import FeatureConfig
+    from asrkd.errors import UserError
+    from asrkd.models.e2e_asr import build_model
+    from asrkd.training.teacher_cache import TeacherCache, cache_teacher
+    from test_e2e import tiny_config
+
+    teacher, _ = import_nemo(FIXTURES / "ctc.nemo")
+    manifest, _ = _an4_manifest(an4_dir, tmp_path, 2)
+    cache_teacher(teacher, manifest, tmp_path / "cache.pt")
+    cache = TeacherCache(tmp_path / "cache.pt")
+    assert cache.frame_timing == {"sample_rate": 16000, "hop_length": 160,
+                                  "count_last_frame": False}
+    student = build_model(tiny_config("none"), teacher.tokenizer)
+    with pytest.raises(UserError, match="count_last_frame False .teacher. vs True .student."):
+        cache.check_compatible(student)
+    cache.check_compatible(build_model(
+        replace(tiny_config("none"), features=FeatureConfig(count_last_frame=False)),
+        teacher.tokenizer))
+
+
+def _an4_manifest(an4_dir, tmp_path, count: int):
+    import json
+
+    rows = [json.loads(line) for line in
+            (an4_dir / "manifest_test.jsonl").read_text().splitlines()[:count]]
+    path = tmp_path / "an4.jsonl"
+    path.write_text("".join(
+        json.dumps({**row, "audio_filepath": str(an4_dir / row["audio_filepath"])}) + "\n"
+        for row in rows))
+    return path, rows

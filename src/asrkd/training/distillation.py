@@ -13,12 +13,17 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from asrkd.errors import ConfigError, UserError
+from asrkd.errors import ConfigError
 from asrkd.losses.kd import KD_LOSSES, REDUCTIONS, check_kd_compatibility
 from asrkd.losses.kd.rnnt import RNNT_WEIGHTINGS
 from asrkd.models.distillation import KDWrapper
 from asrkd.models.e2e_asr import E2EASR, ASROutput
-from asrkd.training.teacher_cache import CachedCTCKD, CachedTeacher, TeacherCache
+from asrkd.training.teacher_cache import (
+    CachedCTCKD,
+    CachedTeacher,
+    TeacherCache,
+    check_frame_timing,
+)
 
 
 @dataclass(frozen=True)
@@ -128,23 +133,6 @@ class KDLoss(nn.Module):
                  for name, loss in self.losses.items()}
         parts["kd"] = sum(self.weights[name] * parts[f"kd_{name}"] for name in self.losses)
         return parts
-
-
-def check_frame_timing(teacher: E2EASR, student: E2EASR) -> None:
-    """Raise a UserError unless feature frame t of the teacher and of the student cover the
-    same audio (sample rate, hop) and both count the same valid frames.
-
-    Each model computes its own features from the waveform, so everything else about them (mel
-    count and scale, normalisation, NeMo's pre-emphasis) may differ between teacher and student:
-    frame-level KD only needs its frames to line up, which a student made with asrkd's default
-    features for a NeMo teacher would not (NeMo counts one frame fewer per utterance)."""
-    t, s = teacher.features.config, student.features.config
-    differ = [f"{name} {getattr(t, name)} (teacher) vs {getattr(s, name)} (student)"
-              for name in ("sample_rate", "hop_length", "count_last_frame")
-              if getattr(t, name) != getattr(s, name)]
-    if differ:
-        raise UserError("frame-level KD needs the teacher's and the student's feature frames to "
-                        "line up: features." + "; features.".join(differ))
 
 
 def build_kd(

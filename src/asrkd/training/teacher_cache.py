@@ -153,6 +153,7 @@ def cache_teacher(
         "manifest": str(Path(manifest).resolve()),
         "vocab_size": vocab,
         "subsampling_factor": model.subsampling_factor,
+        "frame_timing": frame_timing(model),
         "top_k": k,
         "temperature": float(temperature),
         "speed_factors": list(factors),
@@ -189,6 +190,34 @@ def check_speed_factors(speed_factors: Sequence[float]) -> tuple[float, ...]:
     return factors
 
 
+FRAME_TIMING = ("sample_rate", "hop_length", "count_last_frame")
+
+
+def frame_timing(model: E2EASR) -> dict:
+    """What decides which audio feature frame t covers and how many frames count (see
+    :func:`check_frame_timing`)."""
+    config = model.features.config
+    return {name: getattr(config, name) for name in FRAME_TIMING}
+
+
+def check_frame_timing(teacher: E2EASR | dict, student: E2EASR) -> None:
+    """Raise a UserError unless feature frame t of the teacher (a model, or the
+    :func:`frame_timing` a teacher cache recorded) and of the student cover the same audio
+    (sample rate, hop) and both count the same valid frames.
+
+    Each model computes its own features from the waveform, so everything else about them (mel
+    count and scale, normalisation, NeMo's pre-emphasis) may differ between teacher and student:
+    frame-level KD only needs its frames to line up, which a student made with asrkd's default
+    features for a NeMo teacher would not (NeMo counts one frame fewer per utterance)."""
+    t = teacher if isinstance(teacher, dict) else frame_timing(teacher)
+    s = frame_timing(student)
+    differ = [f"{name} {t[name]} (teacher) vs {s[name]} (student)"
+              for name in FRAME_TIMING if name in t and t[name] != s[name]]
+    if differ:
+        raise UserError("frame-level KD needs the teacher's and the student's feature frames to "
+                        "line up: features." + "; features.".join(differ))
+
+
 class TeacherCacheKeyError(UserError, KeyError):
     """An utterance missing from a teacher cache (message printed as is, not repr-quoted)."""
 
@@ -219,6 +248,8 @@ class TeacherCache:
         self.manifest: str = payload["manifest"]
         self.vocab_size: int = int(payload["vocab_size"])
         self.subsampling_factor: int = int(payload["subsampling_factor"])
+        # Absent from caches written before it was recorded (then not checked).
+        self.frame_timing: dict = dict(payload.get("frame_timing", {}))
         self.top_k: int = int(payload["top_k"])
         self.temperature: float = float(payload["temperature"])
         self.speed_factors: tuple[float, ...] = tuple(
@@ -238,13 +269,15 @@ class TeacherCache:
 
     def check_compatible(self, student: E2EASR) -> None:
         """Raise a ValueError if the student's vocabulary or frame rate differs from the
-        teacher's (then cached frames cannot be matched to the student's)."""
+        teacher's, or a UserError if its feature frames do not line up with the teacher's
+        (then cached frames cannot be matched to the student's)."""
         check_kd_compatibility(
             self.vocab_size,
             student.vocab_size,
             self.subsampling_factor,
             student.subsampling_factor,
         )
+        check_frame_timing(self.frame_timing, student)
 
     def check_speed_factors(self, speed_factors: Sequence[float]) -> None:
         """Raise a UserError unless the cache holds every speed copy a training set read
