@@ -167,3 +167,103 @@ def test_transcript_scale_matches_asrkd_models():
                       method="ctc_greedy")[0]
     assert got.text == hyp.text and got.units == len(hyp.tokens)
     assert got.confidence == pytest.approx(per_token_confidence(hyp, "ctc_greedy"))
+
+
+def _byte_symbols() -> list[str]:
+    """GPT-2's byte-to-unicode table (Whisper's byte-level BPE alphabet), 256 symbols."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    codes, extra = [], 0
+    for byte in range(256):
+        if byte in printable:
+            codes.append(byte)
+        else:
+            codes.append(256 + extra)
+            extra += 1
+    order = printable + [b for b in range(256) if b not in printable]
+    table = dict(zip(order, [chr(c) for c in printable] + [chr(256 + i) for i in
+                                                          range(256 - len(printable))]))
+    return [table[b] for b in range(256)]
+
+
+def _tiny_whisper(folder, an4_dir):
+    """A 1-layer d16 Whisper with a byte-level vocabulary (no merges), fitted for 60 steps on
+    two AN4 utterances so that greedy generation says something."""
+    transformers = pytest.importorskip("transformers")
+    from asrkd.data.audio_processing import load_audio
+
+    folder.mkdir()
+    vocab = {symbol: i for i, symbol in enumerate(_byte_symbols())}
+    specials = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>",
+                "<|notimestamps|>"]
+    for special in specials:
+        vocab[special] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    eot, sot, no_ts = vocab["<|endoftext|>"], vocab["<|startoftranscript|>"], vocab[
+        "<|notimestamps|>"]
+    tokenizer = transformers.WhisperTokenizer(
+        str(folder / "vocab.json"), str(folder / "merges.txt"), unk_token="<|endoftext|>",
+        bos_token="<|endoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tokenizer.add_special_tokens({"additional_special_tokens": specials[1:]})
+    processor = transformers.WhisperProcessor(
+        feature_extractor=transformers.WhisperFeatureExtractor(feature_size=80),
+        tokenizer=tokenizer)
+    processor.save_pretrained(folder)
+    config = transformers.WhisperConfig(
+        vocab_size=len(vocab), num_mel_bins=80, d_model=16, encoder_layers=1, decoder_layers=1,
+        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+        decoder_ffn_dim=32, max_source_positions=1500, max_target_positions=256,
+        pad_token_id=eot, bos_token_id=eot, eos_token_id=eot, decoder_start_token_id=sot)
+    torch.manual_seed(0)
+    model = transformers.WhisperForConditionalGeneration(config)
+    model.generation_config = transformers.GenerationConfig(
+        decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, max_length=64,
+        no_timestamps_token_id=no_ts)
+    rows = [json.loads(line) for line in
+            (an4_dir / "manifest_test.jsonl").read_text().splitlines()[:2]]
+    waves = [load_audio(an4_dir / row["audio_filepath"]) for row in rows]
+    features = processor(waves, sampling_rate=16000, return_tensors="pt").input_features
+    labels = [[sot, no_ts] + tokenizer.encode(row["text"], add_special_tokens=False) + [eot]
+              for row in rows]
+    width = max(map(len, labels))
+    targets = torch.full((len(labels), width), -100)
+    for i, label in enumerate(labels):
+        targets[i, : len(label)] = torch.tensor(label)
+    inputs = targets.clamp(min=0)
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(60):
+        logits = model(input_features=features, decoder_input_ids=inputs[:, :-1]).logits
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets[:, 1:])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval().save_pretrained(folder)
+    return transformers, folder, waves
+
+
+@pytest.mark.slow
+def test_hugging_face_seq2seq_teacher(tmp_path, an4_dir):
+    transformers, folder, waves = _tiny_whisper(tmp_path / "whisper", an4_dir)
+    teacher = load_transcriber(f"hf-seq2seq:{folder}")
+    assert teacher.sample_rate == 16000 and teacher.name.startswith("whisper")
+    got = teacher.transcribe(waves)
+    # Against transformers itself, one utterance at a time.
+    processor = transformers.AutoProcessor.from_pretrained(folder)
+    model = transformers.AutoModelForSpeechSeq2Seq.from_pretrained(folder).eval()
+    for wave, transcript in zip(waves, got):
+        features = processor(wave, sampling_rate=16000, return_tensors="pt").input_features
+        with torch.no_grad():
+            out = model.generate(features, do_sample=False, num_beams=1, max_new_tokens=128,
+                                 output_scores=True, return_dict_in_generate=True)
+            logp = model.compute_transition_scores(out.sequences, out.scores,
+                                                   normalize_logits=True)[0]
+        new = out.sequences[0, -logp.shape[0]:].tolist()
+        end = new.index(model.generation_config.eos_token_id) + 1 if (
+            model.generation_config.eos_token_id in new) else len(new)
+        text = processor.batch_decode([new[:end]], skip_special_tokens=True)[0].strip()
+        assert transcript.text == text and text  # the fitted model says something
+        # The adapter decodes both utterances in one batch: float32 rounding differs slightly.
+        assert transcript.confidence == pytest.approx(float(logp[:end].mean()), abs=1e-2)
+        assert transcript.units == end - (new[end - 1] == model.generation_config.eos_token_id)

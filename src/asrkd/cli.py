@@ -402,8 +402,9 @@ def add_pseudo_label_parser(subparsers: argparse._SubParsersAction) -> argparse.
     )
     parser.add_argument("--ckpt", required=True,
                         help="the teacher: an asrkd checkpoint (an imported NeMo model too), or "
-                        "hf-ctc:FOLDER (a local Hugging Face CTC model folder such as "
-                        "wav2vec2's; needs the transformers package)")
+                        "hf-ctc:FOLDER / hf-seq2seq:FOLDER (a local Hugging Face CTC model "
+                        "folder such as wav2vec2's, or a speech seq2seq one such as "
+                        "Whisper's; needs the transformers package)")
     parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
     parser.add_argument("--out", required=True, help="pseudo-labelled JSONL manifest to write")
     parser.add_argument("--method", default=None, help="decoding method (default: model's)")

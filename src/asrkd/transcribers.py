@@ -6,11 +6,11 @@ them whatever produced them, which is Distil-Whisper's pseudo-label route for an
 
 * :class:`ModelTranscriber`: an asrkd model (an imported NeMo one included);
 * :class:`HFCTCTranscriber`: a Hugging Face CTC model folder (wav2vec2, HuBERT, ... with
-  ``AutoModelForCTC`` and its processor).
+  ``AutoModelForCTC`` and its processor);
+* :class:`HFSeq2SeqTranscriber`: a Hugging Face speech seq2seq folder (Whisper, ... with
+  ``AutoModelForSpeechSeq2Seq`` and its processor), greedy generation.
 
-Whisper-style seq2seq models (transformers, openai-whisper, faster-whisper) are not adapted
-yet: Whisper's generation (prompt tokens, timestamps, per-token scores) needs its own adapter
-and a test on a tiny Whisper, which is future work; any of them fits behind the same
+The openai-whisper and faster-whisper packages are not adapted (yet); they fit behind the same
 interface.
 
 Hugging Face models load from a local folder only (``local_files_only``: nothing is
@@ -18,8 +18,9 @@ downloaded at run time) and need the optional ``transformers`` package
 (``pip install asrkd[hf]``). :func:`load_transcriber` reads the command line's teacher spec.
 
 Confidence is the average log-probability per emitted unit, the scale of
-:func:`asrkd.training.pseudo_labels.per_token_confidence`; for CTC, the best path's
-log-probability over all frames divided by the emitted tokens.
+:func:`asrkd.training.pseudo_labels.per_token_confidence`: CTC, the best path's log-probability
+over all frames divided by the emitted tokens; seq2seq, the generated tokens'
+log-probabilities (end of text included) averaged over them, as for asrkd's attention decoder.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import torch
 
 from asrkd.errors import UserError
 
-HF_KINDS = ("hf-ctc",)
+HF_KINDS = ("hf-ctc", "hf-seq2seq")
 
 
 @dataclass(frozen=True)
@@ -151,18 +152,56 @@ class HFCTCTranscriber(_HFBase):
         return out
 
 
+class HFSeq2SeqTranscriber(_HFBase):
+    """A Hugging Face speech seq2seq model (``AutoModelForSpeechSeq2Seq``: Whisper, ...),
+    greedy generation of up to ``max_new_tokens`` with the model's generation config."""
+
+    def __init__(self, folder: str | Path, max_new_tokens: int = 128) -> None:
+        super().__init__(folder, "AutoModelForSpeechSeq2Seq")
+        self.max_new_tokens = max_new_tokens
+
+    def transcribe(self, audio: list[np.ndarray]) -> list[Transcript]:
+        inputs = self._inputs(audio)
+        features = inputs.get("input_features", inputs.get("input_values"))
+        # Room for the decoder prompt (Whisper's start, language, task, timestamp tokens).
+        limit = getattr(self.model.config, "max_target_positions", None)
+        max_new = self.max_new_tokens if limit is None else min(self.max_new_tokens, limit - 4)
+        with torch.no_grad():
+            generated = self.model.generate(
+                features, attention_mask=inputs.get("attention_mask"), do_sample=False,
+                num_beams=1, max_new_tokens=max_new, output_scores=True,
+                return_dict_in_generate=True)
+            # log p of each generated token (the decoder prompt is not generated).
+            scores = self.model.compute_transition_scores(
+                generated.sequences, generated.scores, normalize_logits=True)
+        new = generated.sequences[:, -scores.shape[1]:]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos])
+        out = []
+        for row in range(new.shape[0]):
+            tokens = new[row].tolist()
+            # Up to and including the first end of text; what follows is padding.
+            end = next((i for i, t in enumerate(tokens) if t in eos), len(tokens) - 1) + 1
+            logp = scores[row, :end].float()
+            text = self.processor.batch_decode(new[row: row + 1, :end],
+                                               skip_special_tokens=True)[0].strip()
+            units = sum(t not in eos for t in tokens[:end])
+            out.append(Transcript(text, float(logp.mean()), units if text else 0))
+        return out
+
+
 def load_transcriber(spec: str, method: str | None = None, beam_size: int = 4) -> Transcriber:
-    """The teacher named on the command line: an asrkd checkpoint path, or ``hf-ctc:FOLDER``
-    for a local Hugging Face CTC model folder."""
+    """The teacher named on the command line: an asrkd checkpoint path, or ``hf-ctc:FOLDER`` /
+    ``hf-seq2seq:FOLDER`` for a local Hugging Face CTC / speech seq2seq model folder."""
     kind, sep, rest = spec.partition(":")
     if sep and kind in HF_KINDS:
         if method is not None:
             raise UserError(f"--method applies to asrkd checkpoints, not to {kind} teachers")
-        return HFCTCTranscriber(rest)
+        return HFCTCTranscriber(rest) if kind == "hf-ctc" else HFSeq2SeqTranscriber(rest)
     from asrkd.models.e2e_asr import load_checkpoint
 
     return ModelTranscriber(load_checkpoint(spec), method, beam_size)
 
 
-__all__ = ["HFCTCTranscriber", "ModelTranscriber", "Transcriber", "Transcript",
-           "load_transcriber"]
+__all__ = ["HFCTCTranscriber", "HFSeq2SeqTranscriber", "ModelTranscriber", "Transcriber",
+           "Transcript", "load_transcriber"]
