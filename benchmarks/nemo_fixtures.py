@@ -93,6 +93,9 @@ VARIANTS = {
     "ctc": ("ctc", BRANCH_B),
     "rnnt": ("rnnt", {}),
     "hybrid": ("hybrid", {"conv_kernel_size": 5}),
+    # NeMo's Longformer-style local attention, a window shorter than the utterances.
+    "ctc_local": ("ctc", {"self_attention_model": "rel_pos_local_attn",
+                          "att_context_size": [4, 4]}),
 }
 CLASSES = {
     "ctc": "EncDecCTCModelBPE",

@@ -27,7 +27,7 @@ from asrkd.models.nemo_import import NemoImportError, import_nemo, read_nemo
 from conftest import ROOT
 
 FIXTURES = ROOT / "tests" / "data" / "nemo"
-VARIANTS = ("ctc", "rnnt", "hybrid")
+VARIANTS = ("ctc", "ctc_local", "rnnt", "hybrid")
 
 
 def _reference(variant: str) -> dict:
@@ -79,7 +79,7 @@ def test_imported_model_computes_what_nemo_computes(variant, an4_dir):
     reference = _reference(variant)
     assert summary["pieces"] == 40
     assert (model.ctc is not None) == (variant != "rnnt")
-    assert (model.decoder is not None) == (variant != "ctc")
+    assert (model.decoder is not None) == (variant in ("rnnt", "hybrid"))
     _check_against(model, reference, an4_dir.parent)
     # The fixtures are not degenerate: some transcript has two words.
     assert any(len(t.split()) > 1 for t in reference.get("ctc_greedy", reference["greedy"]))
@@ -157,6 +157,8 @@ def _rewrite(source: Path, target: Path, config_changes: dict | None = None,
     ({"target": "nemo.collections.asr.models.ctc_models.EncDecCTCModel"}, "target="),
     ({"encoder.subsampling": "striding"}, "encoder.subsampling='striding'"),
     ({"encoder.self_attention_model": "abs_pos"}, "encoder.self_attention_model='abs_pos'"),
+    ({"encoder.self_attention_model": "rel_pos_local_attn", "encoder.att_context_size": [6, 3]},
+     "encoder.att_context_size=.6, 3.*symmetric"),
     ({"encoder.att_context_size": [[70, 13], [70, 0]]}, "encoder.att_context_size="),
     ({"encoder.att_context_style": "chunked_limited"}, "encoder.att_context_style="),
     ({"encoder.causal_downsampling": True}, "encoder.causal_downsampling=True"),

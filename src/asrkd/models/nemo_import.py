@@ -9,9 +9,10 @@ files the config names as ``nemo:<file>``.
 Supported: ``EncDecCTCModelBPE``, ``EncDecRNNTBPEModel`` and ``EncDecHybridRNNTCTCBPEModel``
 (an LSTM prediction network, a relu or tanh joint) with a ``ConformerEncoder`` (FastConformer
 ``dw_striding`` subsampling, ``rel_pos`` attention with full or limited ``[left, right]``
-context, batch or layer norm in the conv module, symmetric or causal convolutions, with or
-without biases, xscaling on or off, tied or untied positional biases, any width, depth, heads,
-kernel and mel count) and a SentencePiece BPE tokenizer. Everything else is refused with a
+context or ``rel_pos_local_attn`` with a symmetric window, batch or layer norm in the conv
+module, symmetric or causal convolutions, with or without biases, xscaling on or off, tied or
+untied positional biases, any width, depth, heads, kernel and mel count) and a SentencePiece
+BPE tokenizer. Everything else is refused with a
 message that names the config key and its value, before any weights are read. Every weight of
 the checkpoint must be used: an unknown one (an adapter, say) is an error too.
 
@@ -235,11 +236,16 @@ def encoder_config(encoder: dict[str, Any]) -> FastConformerConfig:
     if e["subsampling"] != "dw_striding":
         raise _refuse("encoder.subsampling", e["subsampling"], "only FastConformer's dw_striding")
     checks = {"causal_downsampling": False, "reduction": None, "feat_out": -1,
-              "self_attention_model": "rel_pos", "att_context_style": "regular",
-              "global_tokens": 0}
+              "att_context_style": "regular", "global_tokens": 0}
     for key, allowed in checks.items():
         if e[key] != allowed:
             raise _refuse(f"encoder.{key}", e[key], f"supported: {allowed!r}")
+    # rel_pos_local_attn (NeMo's Longformer-style sliding windows) computes the same banded
+    # rel_pos attention as asrkd's masked one (tests/test_nemo_import.py, variant ctc_local).
+    attention = e["self_attention_model"]
+    if attention not in ("rel_pos", "rel_pos_local_attn"):
+        raise _refuse("encoder.self_attention_model", attention,
+                      "supported: rel_pos, rel_pos_local_attn")
     if e["conv_norm_type"] not in ("batch_norm", "layer_norm"):
         raise _refuse("encoder.conv_norm_type", e["conv_norm_type"], "batch_norm or layer_norm")
     if any(str(key).startswith("adapter") for key in encoder) or encoder.get("adapters"):
@@ -252,6 +258,13 @@ def encoder_config(encoder: dict[str, Any]) -> FastConformerConfig:
                           "one [left, right] pair; multi-lookahead (cache-aware streaming) "
                           "models are not supported")
         context = None if tuple(context) == (-1, -1) else (int(context[0]), int(context[1]))
+    if attention == "rel_pos_local_attn" and (
+            context is None or context[0] != context[1] or context[0] < 1):
+        # NeMo adds the positional scores of an asymmetric window to the wrong offsets (its
+        # right part lands on the last right + 1 of 2 max(left, right) + 1 columns), so such a
+        # model computes something other than banded attention; symmetric ones are exact.
+        raise _refuse("encoder.att_context_size", e["att_context_size"],
+                      "rel_pos_local_attn is imported with a symmetric [w, w] window only")
     kernel = int(e["conv_kernel_size"])
     conv = e["conv_context_size"]
     if conv == "causal":
