@@ -61,6 +61,17 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def an4_test_manifest(an4_dir: Path, folder: Path, count: int) -> tuple[Path, list[dict]]:
+    """The first ``count`` lines of AN4's test manifest, with absolute audio paths, written to
+    ``folder / "an4_test.jsonl"``; returns that path and the original rows."""
+    rows = read_jsonl(an4_dir / "manifest_test.jsonl")[:count]
+    path = folder / "an4_test.jsonl"
+    path.write_text("".join(
+        json.dumps({**row, "audio_filepath": str(an4_dir / row["audio_filepath"])}) + "\n"
+        for row in rows))
+    return path, rows
+
+
 @pytest.fixture(scope="session")
 def tiny_corpus(tmp_path_factory) -> Path:
     """A small default corpus (24/6/6 utterances), built once per test session."""

@@ -30,6 +30,20 @@ def _real_speech(ljspeech_dir: Path, seconds: tuple[float, ...]) -> tuple[torch.
     return pad_sequences(waves)
 
 
+def assert_onnx_ctc_matches(model, onnx: OnnxASR, audio: torch.Tensor,  # noqa: ANN001
+                            lengths: torch.Tensor) -> tuple[np.ndarray, object]:
+    """The exported graph's CTC log-probs and frame counts equal the PyTorch model's (within
+    1e-4 on valid frames); returns the ONNX log-probs and the model's encoder output."""
+    with torch.no_grad():
+        encoded = model.encode(audio, lengths)
+        log_probs = model.ctc.log_probs(encoded.output)
+    got, got_lengths = onnx.ctc_log_probs(audio.numpy(), lengths.numpy())
+    assert got_lengths.tolist() == encoded.lengths.tolist()
+    for b, frames in enumerate(encoded.lengths.tolist()):
+        assert np.abs(got[b, :frames] - log_probs[b, :frames].numpy()).max() < 1e-4
+    return got, encoded
+
+
 @pytest.mark.parametrize("decoder", ["transformer", "rnnt"])
 def test_onnx_matches_pytorch_on_real_speech(tmp_path, ljspeech_dir, decoder):
     torch.manual_seed(0)
@@ -38,13 +52,7 @@ def test_onnx_matches_pytorch_on_real_speech(tmp_path, ljspeech_dir, decoder):
     onnx = OnnxASR(tmp_path / "m.onnx")
     # Lengths unlike the export's example input: the time and batch axes are dynamic.
     audio, lengths = _real_speech(ljspeech_dir, (1.3, 4.0, 7.7))
-    with torch.no_grad():
-        encoded = model.encode(audio, lengths)
-        log_probs = model.ctc.log_probs(encoded.output)
-    got, got_lengths = onnx.ctc_log_probs(audio.numpy(), lengths.numpy())
-    assert got_lengths.tolist() == encoded.lengths.tolist()
-    for b, frames in enumerate(encoded.lengths.tolist()):
-        assert np.abs(got[b, :frames] - log_probs[b, :frames].numpy()).max() < 1e-4
+    got, encoded = assert_onnx_ctc_matches(model, onnx, audio, lengths)
     single, _ = onnx.ctc_log_probs(audio[1:2, : lengths[1]].numpy(), lengths[1:2].numpy())
     assert np.abs(single[0] - got[1, : single.shape[1]]).max() < 1e-4  # batch-independent
     methods = ["ctc_greedy"] + (["rnnt_greedy"] if decoder == "rnnt" else [])
@@ -66,14 +74,7 @@ def test_onnx_export_of_nemo_features(tmp_path, ljspeech_dir):
     model = build_model(config, CharTokenizer.english()).eval()
     export_onnx(model, tmp_path / "m.onnx")
     onnx = OnnxASR(tmp_path / "m.onnx")
-    audio, lengths = _real_speech(ljspeech_dir, (1.3, 4.0))
-    with torch.no_grad():
-        encoded = model.encode(audio, lengths)
-        log_probs = model.ctc.log_probs(encoded.output)
-    got, got_lengths = onnx.ctc_log_probs(audio.numpy(), lengths.numpy())
-    assert got_lengths.tolist() == encoded.lengths.tolist()
-    for b, frames in enumerate(encoded.lengths.tolist()):
-        assert np.abs(got[b, :frames] - log_probs[b, :frames].numpy()).max() < 1e-4
+    assert_onnx_ctc_matches(model, onnx, *_real_speech(ljspeech_dir, (1.3, 4.0)))
 
 
 def _check_rnnt_graphs(model, onnx: OnnxASR, encoded) -> None:  # noqa: ANN001

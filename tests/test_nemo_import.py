@@ -24,7 +24,7 @@ from asrkd.cli import main
 from asrkd.data.audio_processing import load_audio
 from asrkd.models.e2e_asr import load_checkpoint
 from asrkd.models.nemo_import import NemoImportError, import_nemo, read_nemo
-from conftest import ROOT
+from conftest import ROOT, an4_test_manifest
 
 FIXTURES = ROOT / "tests" / "data" / "nemo"
 VARIANTS = ("ctc", "ctc_local", "rnnt", "hybrid")
@@ -109,19 +109,13 @@ def test_checkpoint_from_the_cli_tokenises_like_nemo(tmp_path, capsys):
 
 def test_imported_model_exports_to_onnx(tmp_path):
     from asrkd.export import OnnxASR, export_onnx
+    from test_export import assert_onnx_ctc_matches
 
     model, _ = import_nemo(FIXTURES / "ctc.nemo")
     export_onnx(model, tmp_path / "m.onnx")
     torch.manual_seed(0)
-    audio = 0.1 * torch.randn(2, 16000)
-    lengths = torch.tensor([16000, 11000])
-    with torch.no_grad():
-        encoded = model.encode(audio, lengths)
-        expected = model.ctc.log_probs(encoded.output)
-    got, got_lengths = OnnxASR(tmp_path / "m.onnx").ctc_log_probs(audio.numpy(), lengths.numpy())
-    assert got_lengths.tolist() == encoded.lengths.tolist()
-    for b, frames in enumerate(encoded.lengths.tolist()):
-        assert abs(got[b, :frames] - expected[b, :frames].numpy()).max() < 1e-4
+    assert_onnx_ctc_matches(model, OnnxASR(tmp_path / "m.onnx"), 0.1 * torch.randn(2, 16000),
+                            torch.tensor([16000, 11000]))
 
 
 def _rewrite(source: Path, target: Path, config_changes: dict | None = None,
@@ -221,18 +215,12 @@ def test_live_nemo(tmp_path, an4_dir):
 def test_student_distils_from_an_imported_teacher(tmp_path, an4_dir):
     """The issue's three commands: import, then ``student_kd_nemo`` with the teacher's
     tokenizer, features timing and 8x frames (the preset shrunk to run in seconds)."""
-    import json
 
     from asrkd.training.pipeline import load_run_config, train
 
     teacher = tmp_path / "teacher.ckpt"
     assert main(["import-nemo", str(FIXTURES / "ctc.nemo"), "--out", str(teacher)]) == 0
-    manifest = tmp_path / "an4.jsonl"
-    rows = [json.loads(line) for line in
-            (an4_dir / "manifest_test.jsonl").read_text().splitlines()[:6]]
-    manifest.write_text("".join(
-        json.dumps({**row, "audio_filepath": str(an4_dir / row["audio_filepath"])}) + "\n"
-        for row in rows))
+    manifest, _ = an4_test_manifest(an4_dir, tmp_path, 6)
     overrides = [
         f"training.teacher_checkpoint={teacher}", f"output_dir={tmp_path / 'student'}",
         f"data.train_manifest={manifest}", f"data.val_manifest={manifest}",
@@ -270,7 +258,7 @@ def test_teacher_cache_of_an_imported_teacher_checks_frame_timing(tmp_path, an4_
     from test_e2e import tiny_config
 
     teacher, _ = import_nemo(FIXTURES / "ctc.nemo")
-    manifest, _ = _an4_manifest(an4_dir, tmp_path, 2)
+    manifest, _ = an4_test_manifest(an4_dir, tmp_path, 2)
     cache_teacher(teacher, manifest, tmp_path / "cache.pt")
     cache = TeacherCache(tmp_path / "cache.pt")
     assert cache.frame_timing == {"sample_rate": 16000, "hop_length": 160,
@@ -282,14 +270,3 @@ def test_teacher_cache_of_an_imported_teacher_checks_frame_timing(tmp_path, an4_
         replace(tiny_config("none"), features=FeatureConfig(count_last_frame=False)),
         teacher.tokenizer))
 
-
-def _an4_manifest(an4_dir, tmp_path, count: int):
-    import json
-
-    rows = [json.loads(line) for line in
-            (an4_dir / "manifest_test.jsonl").read_text().splitlines()[:count]]
-    path = tmp_path / "an4.jsonl"
-    path.write_text("".join(
-        json.dumps({**row, "audio_filepath": str(an4_dir / row["audio_filepath"])}) + "\n"
-        for row in rows))
-    return path, rows

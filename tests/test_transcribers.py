@@ -16,16 +16,7 @@ import torch
 from asrkd.errors import UserError
 from asrkd.training.pseudo_labels import pseudo_label
 from asrkd.transcribers import Transcriber, Transcript, load_transcriber
-
-
-def _manifest(an4_dir, tmp_path, count: int = 4):
-    rows = [json.loads(line) for line in
-            (an4_dir / "manifest_test.jsonl").read_text().splitlines()[:count]]
-    path = tmp_path / "in.jsonl"
-    path.write_text("".join(json.dumps({**row, "audio_filepath": str(an4_dir /
-                                                                     row["audio_filepath"])})
-                            + "\n" for row in rows))
-    return path, rows
+from conftest import an4_test_manifest, read_jsonl
 
 
 class StubTranscriber:
@@ -47,7 +38,7 @@ class StubTranscriber:
 def test_pseudo_label_filters_any_transcriber(tmp_path, an4_dir):
     from asrkd.data.audio_processing import load_audio
 
-    path, rows = _manifest(an4_dir, tmp_path)
+    path, rows = an4_test_manifest(an4_dir, tmp_path, 4)
     lengths = [len(load_audio(an4_dir / r["audio_filepath"])) for r in rows]
     answers = {
         lengths[0]: Transcript(rows[0]["text"].upper() + ".", -0.1, 7),  # kept, normalised
@@ -103,7 +94,7 @@ def _tiny_wav2vec2(folder):
 
 def test_hugging_face_ctc_teacher(tmp_path, an4_dir):
     transformers, folder = _tiny_wav2vec2(tmp_path / "w2v")
-    path, rows = _manifest(an4_dir, tmp_path, count=3)
+    path, rows = an4_test_manifest(an4_dir, tmp_path, 3)
     teacher = load_transcriber(f"hf-ctc:{folder}")
     report = pseudo_label(teacher, path, tmp_path / "out.jsonl", min_confidence=float("-inf"),
                           agreement_with=None)
@@ -142,7 +133,7 @@ def test_cli_pseudo_label_with_a_hugging_face_teacher(tmp_path, an4_dir, capsys)
     from asrkd.cli import main
 
     _, folder = _tiny_wav2vec2(tmp_path / "w2v")
-    path, _ = _manifest(an4_dir, tmp_path, count=2)
+    path, _ = an4_test_manifest(an4_dir, tmp_path, 2)
     code = main(["pseudo-label", "--ckpt", f"hf-ctc:{folder}", "--manifest", str(path),
                  "--out", str(tmp_path / "o.jsonl"), "--min-confidence=-inf"])
     assert code == 0 and "of 2 utterances" in capsys.readouterr().out
@@ -220,8 +211,7 @@ def _tiny_whisper(folder, an4_dir):
     model.generation_config = transformers.GenerationConfig(
         decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, max_length=64,
         no_timestamps_token_id=no_ts)
-    rows = [json.loads(line) for line in
-            (an4_dir / "manifest_test.jsonl").read_text().splitlines()[:2]]
+    rows = read_jsonl(an4_dir / "manifest_test.jsonl")[:2]
     waves = [load_audio(an4_dir / row["audio_filepath"]) for row in rows]
     features = processor(waves, sampling_rate=16000, return_tensors="pt").input_features
     labels = [[sot, no_ts] + tokenizer.encode(row["text"], add_special_tokens=False) + [eot]
