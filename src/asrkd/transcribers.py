@@ -60,14 +60,16 @@ class Transcriber(Protocol):
 
 
 class ModelTranscriber:
-    """An asrkd model decoding with ``method`` (None: its default)."""
+    """An asrkd model decoding with ``method`` (None: its default); ``role`` names the setting
+    in the error raised when the method does not fit the model."""
 
-    def __init__(self, model, method: str | None = None, beam_size: int = 4) -> None:  # noqa: ANN001
+    def __init__(self, model, method: str | None = None, beam_size: int = 4,  # noqa: ANN001
+                 role: str = "method") -> None:
         from asrkd.training.pseudo_labels import _check_method
 
         self.model = model.eval()
         self.method = method or model.decoder_method()
-        _check_method(model, self.method, "method")
+        _check_method(model, self.method, role)
         self.beam_size = beam_size
         self.sample_rate = model.features.config.sample_rate
         self.name = f"asrkd {self.method}"

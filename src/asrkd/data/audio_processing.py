@@ -76,6 +76,11 @@ def _check_mel_scale(scale: str) -> None:
         raise ConfigError(f"unknown mel scale {scale!r}; choose one of {', '.join(MEL_SCALES)}")
 
 
+def _check_mel_norm(norm: str | None) -> None:
+    if norm not in (None, "slaney"):
+        raise ConfigError(f"unknown mel filter normalisation {norm!r}; choose slaney or null")
+
+
 def hz_to_mel(frequency: np.ndarray | float, scale: str = "htk") -> np.ndarray:
     """Frequency in Hz on the HTK (``2595 log10(1 + f / 700)``) or Slaney mel scale."""
     _check_mel_scale(scale)
@@ -111,8 +116,7 @@ def mel_filterbank(
     filterbank): each filter scaled by ``2 / (its upper edge - its lower edge in Hz)``, i.e. to
     constant energy per Hz.
     """
-    if norm not in (None, "slaney"):
-        raise ConfigError(f"unknown mel filter normalisation {norm!r}; choose slaney or null")
+    _check_mel_norm(norm)
     f_max = sample_rate / 2 if f_max is None else f_max
     fft_freqs = np.linspace(0.0, sample_rate / 2, n_fft // 2 + 1)
     mel_points = np.linspace(hz_to_mel(f_min, scale), hz_to_mel(f_max, scale), n_mels + 2)
@@ -176,8 +180,7 @@ class FeatureConfig:
         if self.center_pad not in ("reflect", "constant"):
             raise ConfigError(f"features.center_pad must be reflect or constant, got "
                               f"{self.center_pad!r}")
-        if self.mel_norm not in (None, "slaney"):
-            raise ConfigError(f"features.mel_norm must be slaney or null, got {self.mel_norm!r}")
+        _check_mel_norm(self.mel_norm)
         if self.preemphasis is not None and not 0.0 <= self.preemphasis < 1.0:
             raise ConfigError(f"features.preemphasis must be in [0, 1), got {self.preemphasis}")
 

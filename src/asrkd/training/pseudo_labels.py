@@ -223,9 +223,7 @@ def pseudo_label(
         checkpoint = load_checkpoint(checkpoint)
     if isinstance(checkpoint, E2EASR):
         teacher = ModelTranscriber(checkpoint, method, beam_size)
-        if agreement_with is not None:
-            _check_method(checkpoint, agreement_with, "agreement_with")
-        second = (ModelTranscriber(checkpoint, agreement_with, beam_size)
+        second = (ModelTranscriber(checkpoint, agreement_with, beam_size, role="agreement_with")
                   if agreement_with is not None else None)
         normalizer = checkpoint.tokenizer.normalizer
     else:
