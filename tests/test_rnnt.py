@@ -408,11 +408,12 @@ def test_timing_helper_runs() -> None:
 # ----------------------------------------------------------------------------- RNNTransducer
 
 
-def _tiny_model(seed: int = 0, vocab: int = 10, blank_bias: float = 0.0) -> RNNTransducer:
+def _tiny_model(seed: int = 0, vocab: int = 10, blank_bias: float = 0.0, layers: int = 1,
+                activation: str = "tanh") -> RNNTransducer:
     torch.manual_seed(seed)
     config = RNNTConfig(
         vocab_size=vocab, encoder_dim=12, pred_dim=16, joint_dim=16, dropout=0.0,
-        max_symbols_per_frame=3,
+        max_symbols_per_frame=3, pred_layers=layers, joint_activation=activation,
     )  # fmt: skip
     model = RNNTransducer(config).eval()
     with torch.no_grad():
@@ -518,10 +519,12 @@ def assert_same_hypotheses(got: list[Hypothesis], want: list[Hypothesis]) -> Non
         assert abs(g.score - w.score) < 1e-4 * max(1.0, abs(w.score))
 
 
+@pytest.mark.parametrize(("layers", "activation"), [(1, "tanh"), (2, "relu")])
 @pytest.mark.parametrize("window", [1, 3, 32])
 @pytest.mark.parametrize("blank_bias", [-3.0, 0.0, 2.5])
-def test_label_looping_greedy_equals_frame_by_frame(blank_bias: float, window: int) -> None:
-    model = _tiny_model(seed=6, blank_bias=blank_bias)
+def test_label_looping_greedy_equals_frame_by_frame(blank_bias: float, window: int,
+                                                     layers: int, activation: str) -> None:
+    model = _tiny_model(seed=6, blank_bias=blank_bias, layers=layers, activation=activation)
     torch.manual_seed(13)
     lengths = torch.tensor([17, 3, 11, 1, 17, 8])
     enc = torch.randn(6, 17, 12)
@@ -530,6 +533,12 @@ def test_label_looping_greedy_equals_frame_by_frame(blank_bias: float, window: i
         want = frame_looping_greedy(model, enc, lengths, limit)
         got = rnnt_greedy(model, enc, lengths, max_symbols_per_frame=limit, window=window)
         assert_same_hypotheses(got, want)
+        # One utterance takes its own search (Python scalars instead of batch masks).
+        for b in (0, 3, 5):
+            n = int(lengths[b])
+            alone = rnnt_greedy(model, enc[b : b + 1, :n], lengths[b : b + 1],
+                                max_symbols_per_frame=limit, window=window)
+            assert_same_hypotheses(alone, want[b : b + 1])
     with pytest.raises(ValueError, match="window"):
         rnnt_greedy(model, enc, lengths, window=0)
 
@@ -654,3 +663,61 @@ def test_prediction_step_equals_the_lstm_module(layers: int) -> None:
         steps.append(out)
     torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-6, rtol=1e-5)
     assert state[0].shape == state[1].shape == (layers, 2, 16)
+
+
+@pytest.mark.parametrize("layers", [1, 2])
+def test_decoding_lstm_equals_the_prediction_step(layers: int) -> None:
+    # Greedy search steps DecodingLSTM (input projection folded into a table, gates
+    # reordered): the same outputs and states as PredictionNetwork.step, batched and alone.
+    torch.manual_seed(8)
+    config = RNNTConfig(vocab_size=10, encoder_dim=12, pred_dim=16, joint_dim=16,
+                        pred_layers=layers, dropout=0.1)
+    prediction = RNNTransducer(config).prediction.eval()
+    lstm = prediction.for_decoding()
+    tokens = torch.tensor([[0, 3, 5, 9], [0, 2, 7, 4]])
+    want_state = None
+    state = lstm.start(2)
+    one = [(h[1], c[1]) for h, c in state]
+    for u in range(tokens.size(1)):
+        want, want_state = prediction.step(tokens[:, u], want_state)
+        got, state = lstm.step(tokens[:, u], state)
+        got_one, one = lstm.step_one(int(tokens[1, u]), one)
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(got_one, want[1], atol=1e-6, rtol=1e-5)
+        for layer in range(layers):
+            torch.testing.assert_close(state[layer][0], want_state[0][layer], atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(state[layer][1], want_state[1][layer], atol=1e-6, rtol=1e-5)
+    assert prediction.for_decoding() is lstm  # kept while the weights stay as they are
+    assert "_decoding_lstm" not in str(prediction.state_dict().keys())
+
+
+def test_greedy_follows_weight_updates() -> None:
+    # The decoding layout is rebuilt when a parameter changes in place (an optimiser step or
+    # load_state_dict between validations), so search never runs on stale weights.
+    model = _tiny_model(seed=9, blank_bias=1.0)
+    enc = torch.randn(2, 9, 12)
+    lengths = torch.tensor([9, 7])
+    before = model.prediction.for_decoding()
+    rnnt_greedy(model, enc, lengths)
+    with torch.no_grad():
+        model.prediction.embed.weight.mul_(-3.0)
+        model.prediction.lstm.weight_hh_l0.add_(0.5)
+    assert model.prediction.for_decoding() is not before
+    assert_same_hypotheses(rnnt_greedy(model, enc, lengths),
+                           frame_looping_greedy(model, enc, lengths, 3))
+    other = _tiny_model(seed=10, blank_bias=1.0)
+    model.load_state_dict(other.state_dict())
+    assert_same_hypotheses(rnnt_greedy(model, enc, lengths),
+                           frame_looping_greedy(other, enc, lengths, 3))
+
+
+def test_decoding_lstm_built_under_autocast_keeps_the_parameter_dtype() -> None:
+    # Validation decodes under bf16 autocast; the cached layout must still serve fp32 search.
+    model = _tiny_model(seed=11, blank_bias=1.0)
+    enc = torch.randn(2, 9, 12)
+    lengths = torch.tensor([9, 7])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        rnnt_greedy(model, enc, lengths)
+    assert model.prediction.for_decoding().table.dtype == torch.float32
+    assert_same_hypotheses(rnnt_greedy(model, enc, lengths),
+                           frame_looping_greedy(model, enc, lengths, 3))

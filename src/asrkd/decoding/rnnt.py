@@ -7,11 +7,12 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from asrkd.errors import ConfigError
 from asrkd.models.common import Hypothesis, logaddexp
-from asrkd.models.rnnt import RNNTransducer, State
+from asrkd.models.rnnt import DecodingLSTM, RNNTransducer, State
 
 
 @dataclass
@@ -49,17 +50,19 @@ def rnnt_greedy(
     A frame is left after blank or after ``max_symbols_per_frame`` labels; in the latter
     case the blank log-prob of that frame is still added, so ``score`` is always the
     log-probability of a complete alignment path. Frames past each utterance's length are
-    skipped, so the result of an utterance does not depend on the rest of the batch. Call
-    ``eval()`` first for deterministic output.
+    skipped, so the result of an utterance does not depend on the rest of the batch. The
+    prediction and joint networks run without dropout, as in eval mode.
 
     The search loops over labels, not frames (the label-looping idea of NeMo's batched
     greedy decoder): while an utterance emits nothing its prediction output does not change,
     so the joint is evaluated for its next ``window`` frames at once and the utterance jumps
-    to the first frame where a label wins (adding the blank log-probs of the frames it
-    skips). Each pass of the loop costs one joint evaluation over ``(B, window)`` and one
-    prediction-network step, so a batch takes about
-    ``U_max + T / window`` passes instead of ``T + U_max``. Hypotheses are those of the
-    frame-by-frame search.
+    to the first frame where a label wins. Each pass of the loop costs one joint evaluation
+    over ``(B, window)`` and one prediction-network step (:class:`~asrkd.models.rnnt.
+    DecodingLSTM`), so a batch takes about ``U_max + T / window`` passes instead of
+    ``T + U_max``. A pass does only what choosing the path needs; the path's score is computed
+    afterwards in one joint evaluation over its ``T + U`` nodes. One utterance is searched
+    with Python scalars instead of batch masks (half the kernels per label). Hypotheses are
+    those of the frame-by-frame search.
 
     Args:
         encoder_out: (B, T, D) encoder states.
@@ -73,63 +76,152 @@ def rnnt_greedy(
     limit = _max_symbols(transducer, max_symbols_per_frame)
     if window < 1:
         raise ConfigError("window must be >= 1")
-    batch, frames, _ = encoder_out.shape
-    device = encoder_out.device
+    joint = transducer.joint
+    lstm = transducer.prediction.for_decoding()
+    lengths = encoder_lengths.to(encoder_out.device).long()
+    enc_proj = joint.encoder_proj(encoder_out)  # (B, T, J)
+    search = _search_one if encoder_out.size(0) == 1 else _search_batch
+    tokens, stamps, prefixes = search(transducer, lstm, enc_proj, lengths, limit, window)
+    scores = _path_scores(transducer, enc_proj, lengths, tokens, stamps, prefixes)
+    return [
+        Hypothesis(tokens=tokens[b], score=scores[b], timestamps=stamps[b])
+        for b in range(len(tokens))
+    ]
+
+
+def _search_one(transducer: RNNTransducer, lstm: DecodingLSTM, enc_proj: Tensor,
+                lengths: Tensor, limit: int, window: int
+                ) -> tuple[list[list[int]], list[list[int]], Tensor]:
+    """The greedy path of one utterance: its labels, their frames and the (1, U+1, J)
+    projected prediction outputs after each label prefix."""
+    joint = transducer.joint
     blank = transducer.blank_id
-    lengths = encoder_lengths.to(device).long()
-    enc_proj = transducer.joint.encoder_proj(encoder_out)  # (B, T, J)
+    enc = enc_proj[0, : int(lengths[0])]
+    state = [(h[0], c[0]) for h, c in lstm.start(1)]
+    out, state = lstm.step_one(blank, state)
+    pred = F.linear(out, joint.pred_proj.weight, joint.pred_proj.bias)  # (J,)
+    prefixes = [pred]
+    tokens: list[int] = []
+    stamps: list[int] = []
+    frame, emitted, frames = 0, 0, enc.size(0)
+    while frame < frames:
+        best = joint.search_logits(enc[frame : frame + window], pred).argmax(-1).tolist()
+        # At the cap the current frame takes its blank; a label can win from the next one.
+        first = 1 if emitted >= limit else 0
+        jump = next((j for j in range(first, len(best)) if best[j] != blank), None)
+        if jump is None:
+            frame, emitted = frame + len(best), 0
+            continue
+        if jump:
+            frame, emitted = frame + jump, 0
+        label = best[jump]
+        tokens.append(label)
+        stamps.append(frame)
+        emitted += 1
+        out, state = lstm.step_one(label, state)
+        pred = F.linear(out, joint.pred_proj.weight, joint.pred_proj.bias)
+        prefixes.append(pred)
+    return [tokens], [stamps], torch.stack(prefixes).unsqueeze(0)
 
-    last = torch.full((batch,), blank, dtype=torch.long, device=device)
-    pred_out, state = transducer.prediction.step(last)
-    pred_proj = transducer.joint.pred_proj(pred_out)  # (B, J)
-    scores = torch.zeros(batch, dtype=torch.float64, device=device)
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    stamps: list[list[int]] = [[] for _ in range(batch)]
-    frame = torch.zeros(batch, dtype=torch.long, device=device)  # current frame per utterance
-    emitted = torch.zeros(batch, dtype=torch.long, device=device)  # labels emitted at it
+
+def _search_batch(transducer: RNNTransducer, lstm: DecodingLSTM, enc_proj: Tensor,
+                  lengths: Tensor, limit: int, window: int
+                  ) -> tuple[list[list[int]], list[list[int]], Tensor]:
+    """The greedy paths of a batch, all utterances in every pass: per utterance its labels
+    and their frames, and the (B, U_max+1, J) projected prediction outputs after each of its
+    label prefixes (padded)."""
+    joint = transducer.joint
+    batch, frames, width = enc_proj.shape
+    device = enc_proj.device
+    blank = transducer.blank_id
+    # Padded by one window of frames so that every look-ahead reads inside the tensor.
+    flat = torch.cat([enc_proj, enc_proj.new_zeros(batch, window, width)], 1).view(-1, width)
     offsets = torch.arange(window, device=device)
-    rows = torch.arange(batch, device=device)
+    row_offsets = (torch.arange(batch, device=device) * (frames + window)).unsqueeze(1) + offsets
+    lengths = lengths.unsqueeze(1)
 
+    state = lstm.start(batch)
+    out, state = lstm.step(torch.full((batch,), blank, dtype=torch.long, device=device), state)
+    pred = F.linear(out, joint.pred_proj.weight, joint.pred_proj.bias)  # (B, J)
+    first_pred = pred
+    frame = torch.zeros((batch, 1), dtype=torch.long, device=device)  # current frame
+    emitted = torch.zeros(batch, dtype=torch.long, device=device)  # labels emitted at it
+    passes: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # found, label, frame, pred
     # Every pass works on the whole batch: an utterance past its last frame has no valid
     # frame in its window, so it neither jumps nor emits (cheaper than indexing subsets).
-    while bool((frame < lengths).any()):
-        ahead = frame.unsqueeze(1) + offsets  # (B, W) frames looked at
-        valid = ahead < lengths.unsqueeze(1)
-        index = ahead.clamp(max=frames - 1).unsqueeze(2).expand(-1, -1, enc_proj.size(-1))
-        log_probs = transducer.joint.combine(
-            enc_proj.gather(1, index), pred_proj.unsqueeze(1)
-        ).log_softmax(-1)  # (B, W, V)
-        best = log_probs.argmax(-1)
+    while True:
+        valid = (frame + offsets) < lengths  # (B, W)
+        if not bool(valid[:, 0].any()):
+            break
+        ahead = flat.index_select(0, (frame + row_offsets).view(-1)).view(batch, window, width)
+        best = joint.search_logits(ahead, pred.unsqueeze(1)).argmax(-1)  # (B, W)
         wins = (best != blank) & valid
         wins[:, 0] &= emitted < limit  # at the cap the current frame takes its blank
         found = wins.any(1)
         # First frame where a label wins, or past the valid frames of the window.
-        jump = torch.where(found, wins.int().argmax(1), valid.sum(1))
-        skipped = offsets.unsqueeze(0) < jump.unsqueeze(1)
-        scores += (log_probs[..., blank].double() * skipped).sum(1)
-        frame += jump
+        jump = torch.where(found, wins.byte().argmax(1), valid.sum(1))
+        frame = frame + jump.unsqueeze(1)
         emitted.masked_fill_(jump > 0, 0)
         if not bool(found.any()):
             continue
-        at = jump.clamp(max=window - 1)  # rows that found nothing read a discarded value
-        labels = best[rows, at]
-        scores += torch.where(found, log_probs[rows, at, labels].double(), 0.0)
+        labels = best.gather(1, jump.clamp(max=window - 1).unsqueeze(1)).squeeze(1)
         emitted += found
-        label_list, frame_list = labels.tolist(), frame.tolist()
-        for b in found.nonzero().squeeze(1).tolist():
-            tokens[b].append(label_list[b])
-            stamps[b].append(frame_list[b])
         # One prediction-network step for the batch; only the emitting rows take it.
-        new_out, (h, c) = transducer.prediction.step(labels, state)
-        keep = found.view(1, -1, 1)
-        state = (torch.where(keep, h, state[0]), torch.where(keep, c, state[1]))
-        pred_proj = torch.where(found.unsqueeze(1), transducer.joint.pred_proj(new_out),
-                                pred_proj)
+        out, new_state = lstm.step(labels, state)
+        keep = found.unsqueeze(1)
+        state = [(torch.where(keep, h, old_h), torch.where(keep, c, old_c))
+                 for (h, c), (old_h, old_c) in zip(new_state, state, strict=True)]
+        new_pred = F.linear(out, joint.pred_proj.weight, joint.pred_proj.bias)
+        pred = torch.where(keep, new_pred, pred)
+        passes.append((found, labels, frame.squeeze(1), new_pred))
 
-    return [
-        Hypothesis(tokens=tokens[b], score=float(scores[b]), timestamps=stamps[b])
-        for b in range(batch)
-    ]
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    stamps: list[list[int]] = [[] for _ in range(batch)]
+    if not passes:
+        return tokens, stamps, first_pred.unsqueeze(1)
+    found, labels, frame_at, preds = (torch.stack(x) for x in zip(*passes, strict=True))
+    pass_ids, rows = found.t().nonzero(as_tuple=True)[::-1]  # ordered by utterance, then pass
+    counts = found.sum(0)
+    for b, (label_list, frame_list) in enumerate(zip(
+        labels[pass_ids, rows].split(counts.tolist()), frame_at[pass_ids, rows].split(
+            counts.tolist()), strict=True)):
+        tokens[b], stamps[b] = label_list.tolist(), frame_list.tolist()
+    # Prefix k >= 1 of utterance b is the prediction output of the pass of its k-th label.
+    prefixes = first_pred.unsqueeze(1).repeat(1, int(counts.max()) + 1, 1)
+    position = found.long().cumsum(0)[pass_ids, rows]  # k of each label
+    prefixes[rows, position] = preds[pass_ids, rows]
+    return tokens, stamps, prefixes
+
+
+def _path_scores(transducer: RNNTransducer, enc_proj: Tensor, lengths: Tensor,
+                 tokens: list[list[int]], stamps: list[list[int]], prefixes: Tensor
+                 ) -> list[float]:
+    """Log-probability of each greedy path, from one joint evaluation over its nodes: the
+    label arcs (frame t_k, prefix k-1) and, at every frame t, the blank arc after the labels
+    emitted up to t."""
+    batch, frames, _ = enc_proj.shape
+    device = enc_proj.device
+    n_labels = torch.tensor([len(t) for t in tokens], device=device)
+    label_rows = torch.repeat_interleave(torch.arange(batch, device=device), n_labels)
+    label_frames = torch.tensor([t for s in stamps for t in s], dtype=torch.long, device=device)
+    label_ids = torch.tensor([y for t in tokens for y in t], dtype=torch.long, device=device)
+    starts = torch.cumsum(n_labels, 0) - n_labels
+    label_k = torch.arange(label_ids.numel(), device=device) - starts[label_rows]  # prefix k-1
+    # Labels emitted at or before each frame: the prediction prefix of that frame's blank.
+    emitted = torch.zeros(batch, frames, dtype=torch.long, device=device)
+    emitted.index_put_((label_rows, label_frames), torch.ones_like(label_rows), accumulate=True)
+    after = emitted.cumsum(1)
+    blank_rows, blank_frames = (torch.arange(frames, device=device) < lengths.unsqueeze(1)
+                                ).nonzero(as_tuple=True)
+    rows = torch.cat([label_rows, blank_rows])
+    logits = transducer.joint.search_logits(
+        enc_proj[rows, torch.cat([label_frames, blank_frames])],
+        prefixes[rows, torch.cat([label_k, after[blank_rows, blank_frames]])],
+    )
+    symbols = torch.cat([label_ids, torch.full_like(blank_rows, transducer.blank_id)])
+    log_probs = logits.log_softmax(-1).gather(1, symbols.unsqueeze(1)).squeeze(1)
+    scores = torch.zeros(batch, dtype=torch.float64, device=device)
+    return scores.index_add_(0, rows, log_probs.double()).tolist()
 
 
 @torch.no_grad()
