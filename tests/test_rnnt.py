@@ -17,7 +17,7 @@ from asrkd.decoding.rnnt import rnnt_beam, rnnt_greedy
 from asrkd.losses import rnnt_loss
 from asrkd.losses.rnnt import rnnt_joint_loss
 from asrkd.models.common import Hypothesis
-from asrkd.models.rnnt import JointNetwork, RNNTConfig, RNNTransducer
+from asrkd.models.rnnt import JointNetwork, PredictionNetwork, RNNTConfig, RNNTransducer
 
 # ----------------------------------------------------------------------------- references
 
@@ -647,13 +647,18 @@ if __name__ == "__main__":
         print(f"threads={n_threads}", compare_rnnt_ctc_speed(threads=n_threads))
 
 
+def _eval_prediction(seed: int, layers: int) -> PredictionNetwork:
+    """A small prediction network (with dropout configured) in eval mode."""
+    torch.manual_seed(seed)
+    config = RNNTConfig(vocab_size=10, encoder_dim=12, pred_dim=16, joint_dim=16,
+                        pred_layers=layers, dropout=0.1)
+    return RNNTransducer(config).prediction.eval()
+
+
 @pytest.mark.parametrize("layers", [1, 2])
 def test_prediction_step_equals_the_lstm_module(layers: int) -> None:
     # Decoding steps the LSTM cell written out; it must be nn.LSTM's step and forward.
-    torch.manual_seed(7)
-    config = RNNTConfig(vocab_size=10, encoder_dim=12, pred_dim=16, joint_dim=16,
-                        pred_layers=layers, dropout=0.1)
-    prediction = RNNTransducer(config).prediction.eval()
+    prediction = _eval_prediction(7, layers)
     tokens = torch.tensor([[3, 5, 9, 1], [2, 2, 7, 4]])
     full = prediction(tokens)  # (B, U+1, pred_dim) through nn.LSTM
     out, state = prediction.step(torch.zeros(2, dtype=torch.long))
@@ -669,10 +674,7 @@ def test_prediction_step_equals_the_lstm_module(layers: int) -> None:
 def test_decoding_lstm_equals_the_prediction_step(layers: int) -> None:
     # Greedy search steps DecodingLSTM (input projection folded into a table, gates
     # reordered): the same outputs and states as PredictionNetwork.step, batched and alone.
-    torch.manual_seed(8)
-    config = RNNTConfig(vocab_size=10, encoder_dim=12, pred_dim=16, joint_dim=16,
-                        pred_layers=layers, dropout=0.1)
-    prediction = RNNTransducer(config).prediction.eval()
+    prediction = _eval_prediction(8, layers)
     lstm = prediction.for_decoding()
     tokens = torch.tensor([[0, 3, 5, 9], [0, 2, 7, 4]])
     want_state = None

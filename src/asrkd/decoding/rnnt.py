@@ -7,7 +7,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from asrkd.errors import ConfigError
@@ -102,7 +101,7 @@ def _search_one(transducer: RNNTransducer, lstm: DecodingLSTM, enc_proj: Tensor,
     enc = enc_proj[0, : int(lengths[0])]
     state = [(h[0], c[0]) for h, c in lstm.start(1)]
     out, state = lstm.step_one(blank, state)
-    pred = F.linear(out, joint.pred_proj.weight, joint.pred_proj.bias)  # (J,)
+    pred = joint.search_pred_proj(out)  # (J,)
     prefixes = [pred]
     tokens: list[int] = []
     stamps: list[int] = []
@@ -122,7 +121,7 @@ def _search_one(transducer: RNNTransducer, lstm: DecodingLSTM, enc_proj: Tensor,
         stamps.append(frame)
         emitted += 1
         out, state = lstm.step_one(label, state)
-        pred = F.linear(out, joint.pred_proj.weight, joint.pred_proj.bias)
+        pred = joint.search_pred_proj(out)
         prefixes.append(pred)
     return [tokens], [stamps], torch.stack(prefixes).unsqueeze(0)
 
@@ -145,7 +144,7 @@ def _search_batch(transducer: RNNTransducer, lstm: DecodingLSTM, enc_proj: Tenso
 
     state = lstm.start(batch)
     out, state = lstm.step(torch.full((batch,), blank, dtype=torch.long, device=device), state)
-    pred = F.linear(out, joint.pred_proj.weight, joint.pred_proj.bias)  # (B, J)
+    pred = joint.search_pred_proj(out)  # (B, J)
     first_pred = pred
     frame = torch.zeros((batch, 1), dtype=torch.long, device=device)  # current frame
     emitted = torch.zeros((batch, 1), dtype=torch.long, device=device)  # labels emitted at it
@@ -175,7 +174,7 @@ def _search_batch(transducer: RNNTransducer, lstm: DecodingLSTM, enc_proj: Tenso
         out, new_state = lstm.step(labels, state)
         state = [(torch.where(found, h, old_h), torch.where(found, c, old_c))
                  for (h, c), (old_h, old_c) in zip(new_state, state, strict=True)]
-        new_pred = F.linear(out, joint.pred_proj.weight, joint.pred_proj.bias)
+        new_pred = joint.search_pred_proj(out)
         pred = torch.where(found, new_pred, pred)
         passes.append((found.view(-1), labels, frame.view(-1), new_pred))
 

@@ -238,6 +238,10 @@ class JointNetwork(nn.Module):
         """
         return self.output(self.dropout(self.activation(encoder_proj + pred_proj)))
 
+    def search_pred_proj(self, pred_out: Tensor) -> Tensor:
+        """``pred_proj(pred_out)`` without the module call, for search (once per label)."""
+        return F.linear(pred_out, self.pred_proj.weight, self.pred_proj.bias)
+
     def search_logits(self, encoder_proj: Tensor, pred_proj: Tensor) -> Tensor:
         """:meth:`combine` without dropout or module calls, for search in eval mode (a
         few microseconds less per call, and search calls it once per emitted label)."""
