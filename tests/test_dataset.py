@@ -166,3 +166,31 @@ def test_error_rates_match_jiwer():
     assert ours["cer"] == pytest.approx(jiwer.cer(refs, hyps))
     assert word_errors("", "").rate == 0.0 and word_errors("", "x").rate == 1.0
     assert torch.tensor(ours["wer"]).isfinite()
+
+
+def test_edge_noise_pads_with_the_noise_floor_reproducibly(manifest_dir):
+    import random
+
+    from asrkd.data.dataset import add_edge_noise
+
+    rng = np.random.default_rng(0)
+    audio = np.concatenate([0.01 * rng.standard_normal(4000), rng.standard_normal(8000)]
+                           ).astype(np.float32)
+    padded = add_edge_noise(audio, 0.5, 16000, random.Random(3))
+    again = add_edge_noise(audio, 0.5, 16000, random.Random(3))
+    assert np.array_equal(padded, again)
+    extra = len(padded) - len(audio)
+    assert 0 < extra <= 16000
+    start = next(k for k in range(extra + 1) if np.array_equal(padded[k:k + len(audio)], audio))
+    noise = np.concatenate([padded[:start], padded[start + len(audio):]])
+    assert 0.005 < noise.std() < 0.02  # the quiet part's level, not the loud part's
+    assert np.array_equal(add_edge_noise(np.zeros(800, np.float32), 0.5, 16000,
+                                         random.Random(1))[:10], np.zeros(10, np.float32))
+
+    plain = ManifestDataset(manifest_dir / "good.jsonl", strict=False)
+    noisy = ManifestDataset(manifest_dir / "good.jsonl", strict=False, edge_noise_seconds=0.3)
+    first, second = noisy[(0, 1)], noisy[(0, 1)]
+    assert torch.equal(first["audio"], second["audio"])  # (index, epoch) decides the draw
+    assert 0 <= len(first["audio"]) - len(plain[0]["audio"]) <= 2 * 0.3 * 16000
+    with pytest.raises(Exception, match="edge_noise_seconds must be >= 0"):
+        ManifestDataset(manifest_dir / "good.jsonl", strict=False, edge_noise_seconds=-1)

@@ -327,3 +327,14 @@ def test_recipe_rebuilds_its_cache_when_the_speed_factors_change(
     assert _teacher_cache(tmp_path / "exp", corpus, ())[0].stat().st_mtime_ns == written
     _teacher_cache(tmp_path / "exp", corpus, (0.9, 1.0, 1.1))
     assert TeacherCache(path).speed_factors == (0.9, 1.0, 1.1) and len(TeacherCache(path)) == 9
+
+
+def test_a_cache_with_edge_noise_is_refused_before_training(tmp_path):
+    from asrkd.errors import ConfigError
+    from asrkd.training.pipeline import load_run_config, train
+
+    config = load_run_config([], [f"output_dir={tmp_path / 'run'}",
+                                  f"training.teacher_cache={tmp_path / 'missing.pt'}",
+                                  "data.edge_noise_seconds=0.3"])
+    with pytest.raises(ConfigError, match="edge_noise_seconds changes every utterance"):
+        train(config)

@@ -191,6 +191,7 @@ class ASRDataModule(L.LightningDataModule):
         max_duration: float | None = 20.0,
         strict: bool = True,
         speed_factors: tuple[float, ...] = (),
+        edge_noise_seconds: float = 0.0,
         seed: int = 0,
         short_first: bool = False,
     ) -> None:
@@ -216,6 +217,7 @@ class ASRDataModule(L.LightningDataModule):
                 min_duration=self.hparams.min_duration,
                 max_duration=self.hparams.max_duration if train else None,
                 speed_factors=tuple(self.hparams.speed_factors) if train else (),
+                edge_noise_seconds=self.hparams.edge_noise_seconds if train else 0.0,
                 seed=self.hparams.seed,
             )
         return self.datasets[split]
@@ -231,13 +233,16 @@ class ASRDataModule(L.LightningDataModule):
             # A 0.9x speed copy is 11% longer: budget for the slowest factor.
             stretch = 1.0 / min(dataset.speed_factors)
             durations = [d * stretch for d in durations]
+        if dataset.edge_noise_seconds:
+            # Two uniform draws of up to edge_noise_seconds: on average this much longer.
+            durations = [d + dataset.edge_noise_seconds for d in durations]
         sampler = DurationBatchSampler(
             durations,
             max_batch_seconds=seconds,
             max_batch_size=self.hparams.max_batch_size,
             shuffle=train,
             seed=self.hparams.seed,
-            with_epoch=train and bool(dataset.speed_factors),
+            with_epoch=train and bool(dataset.speed_factors or dataset.edge_noise_seconds),
             short_first=train and self.hparams.short_first,
         )
         workers = self.hparams.num_workers

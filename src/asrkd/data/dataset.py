@@ -10,13 +10,14 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 import torch
 from torch.utils.data import Dataset
 
 from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, load_audio, speed_perturb
 from asrkd.data.tokenizer import PAD_ID, Tokenizer
-from asrkd.errors import UserError
+from asrkd.errors import ConfigError, UserError
 from asrkd.models.common import pad_sequences
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,10 @@ class ManifestDataset(Dataset):
         tokenizer: when given, items carry ``tokens``; characters the tokenizer lacks are
             errors (strict) or skipped lines.
         speed_factors: speed perturbation factors drawn uniformly per item (training).
+        edge_noise_seconds: up to this many seconds (uniform, per side) of Gaussian noise at
+            the utterance's noise floor (the RMS of its quietest 25 ms) added before and after
+            it (training): the model cannot learn that speech starts at the first frame, and
+            recognises utterances cut from longer recordings with some silence around them.
     """
 
     def __init__(
@@ -233,6 +238,7 @@ class ManifestDataset(Dataset):
         max_duration: float | None = None,
         require_text: bool = True,
         speed_factors: tuple[float, ...] = (),
+        edge_noise_seconds: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.manifest = Path(manifest)
@@ -248,6 +254,9 @@ class ManifestDataset(Dataset):
         self.tokenizer = tokenizer
         self.sample_rate = sample_rate
         self.speed_factors = tuple(speed_factors)
+        if edge_noise_seconds < 0:
+            raise ConfigError(f"edge_noise_seconds must be >= 0, got {edge_noise_seconds}")
+        self.edge_noise_seconds = edge_noise_seconds
 
     def _check_vocabulary(
         self, entries: list[ManifestEntry], tokenizer: Tokenizer, strict: bool
@@ -310,10 +319,12 @@ class ManifestDataset(Dataset):
             log.warning("skipped unloadable audio (%s); %d so far", error, self.failed_loads)
             return None
         factor = 1.0
+        rng = random.Random(f"{self.seed}:{epoch}:{index}") if epoch is not None else random
         if self.speed_factors:
-            rng = random.Random(f"{self.seed}:{epoch}:{index}") if epoch is not None else random
             factor = rng.choice(self.speed_factors)
             audio = speed_perturb(audio, factor, self.sample_rate)
+        if self.edge_noise_seconds:
+            audio = add_edge_noise(audio, self.edge_noise_seconds, self.sample_rate, rng)
         item = {
             "audio": torch.from_numpy(audio),
             "text": entry.text or "",
@@ -323,6 +334,24 @@ class ManifestDataset(Dataset):
         if self.tokenizer is not None and entry.text:
             item["tokens"] = torch.tensor(self.tokenizer.encode(entry.text), dtype=torch.long)
         return item
+
+
+def add_edge_noise(audio: np.ndarray, max_seconds: float, sample_rate: int,
+                   rng: random.Random) -> np.ndarray:
+    """``audio`` with up to ``max_seconds`` (uniform, drawn per side) of Gaussian noise before
+    and after it, at the RMS of its quietest 25 ms (its noise floor; digital silence stays
+    silent)."""
+    frame = max(1, sample_rate // 40)
+    frames = len(audio) // frame
+    floor = 0.0
+    if frames:
+        power = (audio[: frames * frame].astype(np.float64).reshape(frames, frame) ** 2).mean(1)
+        floor = float(np.sqrt(power.min()))
+    noise = np.random.default_rng(rng.getrandbits(32))
+    before, after = (int(rng.uniform(0, max_seconds) * sample_rate) for _ in range(2))
+    return np.concatenate([
+        (noise.standard_normal(before) * floor).astype(np.float32), audio,
+        (noise.standard_normal(after) * floor).astype(np.float32)])
 
 
 def duration_batches(entries: list[ManifestEntry], batch_seconds: float) -> list[list[int]]:

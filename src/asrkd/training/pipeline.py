@@ -64,6 +64,11 @@ class DataConfig:
     max_duration: float | None = 20.0
     strict: bool = True
     speed_factors: tuple[float, ...] = ()
+    # Up to this many seconds of noise at each utterance's own noise floor added before and
+    # after it in training (uniform per side and item; 0: off). Models trained on tightly
+    # end-pointed utterances learn where an utterance starts: the AN4 teacher went from 8.8 %
+    # to 12.9 % WER with 0.25 s of silence around each test utterance. See ManifestDataset.
+    edge_noise_seconds: float = 0.0
     short_first: bool = False  # first epoch from the shortest utterances to the longest
 
 
@@ -240,6 +245,9 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     tokenizer = _tokenizer(config, model_config)
     training = config.training
     data = config.data
+    if training.teacher_cache is not None and data.edge_noise_seconds > 0:
+        raise ConfigError("data.edge_noise_seconds changes every utterance's length, so a "
+                          "teacher cache cannot match it; distil from the teacher online")
     module = build_module(model_config, tokenizer, training,
                           teacher_checkpoint=_resolve(training.teacher_checkpoint),
                           teacher_cache=_resolve(training.teacher_cache),
@@ -256,6 +264,7 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         max_duration=data.max_duration,
         strict=data.strict,
         speed_factors=data.speed_factors,
+        edge_noise_seconds=data.edge_noise_seconds,
         seed=config.seed,
         short_first=data.short_first,
     )
