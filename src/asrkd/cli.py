@@ -198,6 +198,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
         if args.beam_size is not None or args.ctc_weight is not None:
             raise UserError("--beam-size and --ctc-weight work with --ckpt models (the ONNX "
                             "runner decodes greedily)")
+        if args.srt:
+            raise UserError("--srt works with --ckpt models (word timestamps)")
 
         onnx_model = OnnxASR(args.onnx, threads=args.threads)
         method = args.method or onnx_model.default_method
@@ -209,6 +211,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
         def transcribe(audio):  # noqa: ANN001, ANN202
             return onnx_model.infer(audio[None], np.array([len(audio)]), method=method)[0]
     else:
+        from asrkd.longform import LongFormConfig, LongFormTranscriber, to_srt
+
         model = _load_with_search(args)
         fusion = _fusion(args)
         method = _requested_method(args)
@@ -217,35 +221,46 @@ def cmd_infer(args: argparse.Namespace) -> None:
             method = method or "ctc_beam"
         method = method or model.default_method()
         print(f"decoding: {method}" + (" + LM" if fusion is not None else ""), file=sys.stderr)
-
-        def transcribe(audio):  # noqa: ANN001, ANN202
-            return model.infer(
-                torch.from_numpy(audio)[None], torch.tensor([len(audio)]), method=method,
-                fusion=fusion,
-            )[0].text
+        # Files longer than one segment are cut at the pauses the model hears and decoded
+        # piece by piece (asrkd.longform), so memory does not grow with their length.
+        longform = LongFormTranscriber(
+            model, method, fusion=fusion,
+            config=LongFormConfig(max_segment_seconds=args.max_segment_seconds),
+        )
 
     files = expand_audio_paths(args.paths)
     if not files:
         raise FileNotFoundError("no audio files found in " + ", ".join(args.paths))
+    srt_dir = None
+    if args.srt and len(files) > 1:
+        srt_dir = Path(args.srt)
+        srt_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for path in files:
+        start = time.perf_counter()
         try:
-            audio = load_audio(path)
+            if args.onnx:
+                audio = load_audio(path)
+                result = None
+                text = transcribe(audio)
+                duration = len(audio) / SAMPLE_RATE
+            else:
+                result = longform.transcribe(path)
+                text, duration = result.text, result.duration
         except AudioError as error:
             print(f"skipped: {error}", file=sys.stderr)
             continue
-        start = time.perf_counter()
-        text = transcribe(audio)
         elapsed = time.perf_counter() - start
         print(f"{path}\t{text}")
-        rows.append(
-            {
-                "audio_filepath": str(path),
-                "duration": round(len(audio) / SAMPLE_RATE, 3),
-                "text": text,
-                "seconds": round(elapsed, 4),
-            }
-        )
+        row = {"audio_filepath": str(path), "duration": round(duration, 3), "text": text,
+               "method": method, "seconds": round(elapsed, 4)}
+        if result is not None:
+            row["words"] = result.to_dict()["words"]
+            row["segments"] = result.to_dict()["segments"]
+            if args.srt:
+                srt = srt_dir / f"{path.stem}.srt" if srt_dir else Path(args.srt)
+                srt.write_text(to_srt(result.words), encoding="utf-8")
+        rows.append(row)
     if args.out:
         with Path(args.out).open("w", encoding="utf-8") as handle:
             for row in rows:
@@ -534,7 +549,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--method", default=None)
     infer.add_argument("--onnx", default=None,
                        help="run an `asrkd export` ONNX file with onnxruntime instead of --ckpt")
-    infer.add_argument("--out", default=None, help="write JSONL with text and timing")
+    infer.add_argument("--out", default=None,
+                       help="write JSONL: text, method, timing, word timestamps, segments")
+    infer.add_argument("--srt", default=None,
+                       help="write subtitles: this .srt file (one input file) or a folder of "
+                       "<name>.srt (several; --ckpt models)")
+    infer.add_argument("--max-segment-seconds", type=float, default=15.0,
+                       help="files longer than this are cut at pauses into pieces at most "
+                       "this long (default: %(default)s)")
     infer.add_argument("--threads", type=int, default=2)
     _add_search_arguments(infer)
     _add_lm_arguments(infer)

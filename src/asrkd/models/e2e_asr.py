@@ -16,6 +16,7 @@ from torch import nn
 
 from asrkd.config import ConfigError, from_dict, to_dict
 from asrkd.data.audio_processing import (
+    SAMPLE_RATE,
     FeatureConfig,
     LogMelFeatures,
     SpecAugment,
@@ -37,6 +38,7 @@ from asrkd.models.transformer_decoder import (
     make_decoder_io,
 )
 from asrkd.utils.io import atomic_save
+from asrkd.utils.memory import check_memory, encoder_bytes
 
 CHECKPOINT_FORMAT = "asrkd-checkpoint-1"
 DECODER_TYPES = ("transformer", "rnnt", "none")
@@ -338,6 +340,12 @@ class E2EASR(nn.Module):
         decoding = self.config.decoding if self.config is not None else DecodingConfig()
         search = strategy(method or self.default_method(), beam_size or decoding.beam_size,
                           decoding.length_penalty, decoding.ctc_weight, fusion)
+        check_memory(
+            encoder_bytes(self, audio.size(0), audio.size(1)),
+            f"encoding {audio.size(0)} x {audio.size(1) / SAMPLE_RATE:.0f} s of audio in one pass",
+            "transcribe long recordings with `asrkd infer` or asrkd.longform."
+            "LongFormTranscriber, which cut them at pauses",
+        )
         was_training = self.training
         self.eval()
         try:
