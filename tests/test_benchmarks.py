@@ -47,3 +47,49 @@ def test_models_benchmark_quick_writes_json(tmp_path: Path) -> None:
     assert machine["threads"] == 2
     assert machine["torch_version"] and machine["cpu_model"]
     assert len(machine["loadavg"]) == 3
+
+
+def _load(name: str):  # noqa: ANN202
+    spec = importlib.util.spec_from_file_location(f"asrkd_benchmark_{name}",
+                                                  ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_longform_and_edges_benchmarks_on_a_tiny_model(tmp_path: Path) -> None:
+    import numpy as np
+    import soundfile as sf
+    import torch
+
+    from asrkd.data.tokenizer import CharTokenizer
+    from asrkd.models.e2e_asr import build_model, save_checkpoint
+    from test_e2e import tiny_config
+
+    torch.manual_seed(0)
+    ckpt = save_checkpoint(build_model(tiny_config("transformer"), CharTokenizer.english()),
+                           tmp_path / "m.ckpt")
+    rng = np.random.default_rng(0)
+    lines = []
+    for k in range(4):
+        path = tmp_path / f"u{k}.wav"
+        sf.write(path, (0.1 * rng.standard_normal(16000 * (2 + k))).astype(np.float32), 16000)
+        lines.append(json.dumps({"audio_filepath": str(path), "duration": 2 + k,
+                                 "text": "a b"}) + "\n")
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(lines))
+
+    report = _load("longform").main(["--manifest", str(manifest), "--ckpt", str(ckpt),
+                                     "--repeats", "2", "--short-seconds", "5",
+                                     "--json", str(tmp_path / "lf.json")])
+    assert report["recording_seconds"] == 28.0 and report["utterances"] == 8
+    row = report["models"][str(ckpt)]
+    assert row["peak_rss_mib_long"] > 0 and row["peak_rss_ratio"] > 0
+    assert 0 <= row["words_within_tolerance"] <= 1 and row["segments"] >= 1
+    assert json.loads((tmp_path / "lf.json").read_text()) == report
+
+    edges = _load("edges").main(["--manifest", str(manifest), "--ckpt", str(ckpt),
+                                 "--pad", "0.1"])
+    assert set(edges["models"][str(ckpt)]) == {"as is", "0.1 s silence", "0.1 s noise floor",
+                                               "0.1 s neighbours"}

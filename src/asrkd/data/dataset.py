@@ -336,17 +336,21 @@ class ManifestDataset(Dataset):
         return item
 
 
+def noise_floor(audio: np.ndarray, sample_rate: int) -> float:
+    """RMS of the quietest 25 ms of ``audio`` (0 for audio shorter than that)."""
+    frame = max(1, sample_rate // 40)
+    frames = len(audio) // frame
+    if not frames:
+        return 0.0
+    power = (audio[: frames * frame].astype(np.float64).reshape(frames, frame) ** 2).mean(1)
+    return float(np.sqrt(power.min()))
+
+
 def add_edge_noise(audio: np.ndarray, max_seconds: float, sample_rate: int,
                    rng: random.Random) -> np.ndarray:
     """``audio`` with up to ``max_seconds`` (uniform, drawn per side) of Gaussian noise before
-    and after it, at the RMS of its quietest 25 ms (its noise floor; digital silence stays
-    silent)."""
-    frame = max(1, sample_rate // 40)
-    frames = len(audio) // frame
-    floor = 0.0
-    if frames:
-        power = (audio[: frames * frame].astype(np.float64).reshape(frames, frame) ** 2).mean(1)
-        floor = float(np.sqrt(power.min()))
+    and after it, at its :func:`noise_floor` (digital silence stays silent)."""
+    floor = noise_floor(audio, sample_rate)
     noise = np.random.default_rng(rng.getrandbits(32))
     before, after = (int(rng.uniform(0, max_seconds) * sample_rate) for _ in range(2))
     return np.concatenate([
