@@ -63,6 +63,21 @@ def test_onnx_matches_pytorch_on_real_speech(tmp_path, ljspeech_dir, decoder):
         _check_rnnt_graphs(model, onnx, encoded)
 
 
+def test_onnx_refuses_a_one_pass_encode_that_would_not_fit(tmp_path, monkeypatch):
+    import asrkd.utils.memory
+    from asrkd.errors import UserError
+
+    torch.manual_seed(0)
+    model = build_model(tiny_config("transformer"), CharTokenizer.english()).eval()
+    export_onnx(model, tmp_path / "m.onnx")
+    onnx = OnnxASR(tmp_path / "m.onnx")
+    assert onnx.description["encoder"]["frame_samples"] == 160 * model.subsampling_factor
+    monkeypatch.setattr(asrkd.utils.memory, "available_memory_bytes", lambda: 64 * 2**20)
+    audio = np.zeros((1, 16000 * 600), np.float32)
+    with pytest.raises(UserError, match="600 s of audio in one pass.*--ckpt"):
+        onnx.infer(audio, np.array([audio.shape[1]]))
+
+
 def test_onnx_export_of_nemo_features(tmp_path, ljspeech_dir):
     """NeMo's pre-emphasis, zero centre padding and S // hop frame count export too."""
     from dataclasses import replace

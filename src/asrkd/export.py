@@ -33,6 +33,7 @@ from torch import nn
 from asrkd.data.tokenizer import tokenizer_from_dict
 from asrkd.errors import UserError
 from asrkd.models.e2e_asr import E2EASR
+from asrkd.utils.memory import check_memory, encoder_bytes, encoder_shape
 
 FORMAT = "asrkd-onnx-1"
 OPSET = 18
@@ -186,6 +187,7 @@ def export_onnx(model: E2EASR, out: str | Path, int8: bool = False) -> dict:
         "sample_rate": model.features.config.sample_rate,
         "blank_id": 0,
         "int8": int8,
+        "encoder": encoder_shape(model),  # for the memory check of long inputs
         "rnnt": None if model.decoder_type != "rnnt" else {
             "pred_layers": model.decoder.config.pred_layers,
             "pred_dim": model.decoder.config.pred_dim,
@@ -285,7 +287,18 @@ class OnnxASR:
 
     def infer(self, audio: np.ndarray, lengths: np.ndarray, method: str | None = None
               ) -> list[str]:
-        """Texts of a batch of 16 kHz waveforms (B, S) with (B,) valid samples."""
+        """Texts of a batch of 16 kHz waveforms (B, S) with (B,) valid samples.
+
+        Raises:
+            UserError: before any work, when the batch would not fit in the memory available
+                (exports from before this check was added are not checked).
+        """
+        if "encoder" in self.description:
+            check_memory(encoder_bytes(self.description["encoder"], *audio.shape),
+                         f"encoding {audio.shape[0]} x {audio.shape[1] / self.sample_rate:.0f} s "
+                         "of audio in one pass",
+                         "transcribe long recordings with `asrkd infer --ckpt`, which cuts "
+                         "them at pauses")
         method = method or self.default_method
         if method == "ctc_greedy" and "ctc" in self.sessions:
             ids = self._ctc_greedy(audio, lengths)

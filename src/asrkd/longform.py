@@ -48,7 +48,7 @@ from asrkd.decoding import strategy
 from asrkd.decoding.rnnt import rnnt_greedy
 from asrkd.errors import ConfigError, UserError
 from asrkd.models.common import pad_sequences
-from asrkd.utils.memory import check_memory, encoder_bytes
+from asrkd.utils.memory import check_memory, encoder_bytes, encoder_shape
 
 
 @dataclass(frozen=True)
@@ -347,7 +347,8 @@ class LongFormTranscriber:
         window = (self.window_frames + 2 * self.context_frames) * self.frame_samples
         segment = self.segment_frames * self.frame_samples
         rows = max(1, int(self.config.batch_seconds // self.config.max_segment_seconds))
-        return max(encoder_bytes(self.model, 1, window), encoder_bytes(self.model, rows, segment))
+        shape = encoder_shape(self.model)
+        return max(encoder_bytes(shape, 1, window), encoder_bytes(shape, rows, segment))
 
     @contextmanager
     def _bar(self, seconds: float, description: str) -> Iterator:

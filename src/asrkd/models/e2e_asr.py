@@ -38,7 +38,7 @@ from asrkd.models.transformer_decoder import (
     make_decoder_io,
 )
 from asrkd.utils.io import atomic_save
-from asrkd.utils.memory import check_memory, encoder_bytes
+from asrkd.utils.memory import check_memory, encoder_bytes, encoder_shape
 
 CHECKPOINT_FORMAT = "asrkd-checkpoint-1"
 DECODER_TYPES = ("transformer", "rnnt", "none")
@@ -341,7 +341,7 @@ class E2EASR(nn.Module):
         search = strategy(method or self.default_method(), beam_size or decoding.beam_size,
                           decoding.length_penalty, decoding.ctc_weight, fusion)
         check_memory(
-            encoder_bytes(self, audio.size(0), audio.size(1)),
+            encoder_bytes(encoder_shape(self), audio.size(0), audio.size(1)),
             f"encoding {audio.size(0)} x {audio.size(1) / SAMPLE_RATE:.0f} s of audio in one pass",
             "transcribe long recordings with `asrkd infer` or asrkd.longform."
             "LongFormTranscriber, which cut them at pauses",

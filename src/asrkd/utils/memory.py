@@ -13,16 +13,22 @@ from asrkd.errors import UserError
 ATTENTION_FLOATS_PER_PAIR = 17
 
 
-def encoder_bytes(model, batch: int, samples: int) -> int:  # noqa: ANN001
-    """Estimated peak memory of encoding ``batch`` waveforms of ``samples`` samples at once
-    with ``model`` (an E2EASR) in inference: the attention scores of every head, which grow
-    with the square of the length, plus the layers' activations."""
+def encoder_shape(model) -> dict:  # noqa: ANN001
+    """What :func:`encoder_bytes` needs to know of an E2EASR (also stored with ONNX exports)."""
     hop = model.features.config.hop_length
-    frames = math.ceil(samples / (hop * model.subsampling_factor)) + 1
-    encoder = model.encoder.config
-    pairs = ATTENTION_FLOATS_PER_PAIR * encoder.n_heads * frames * frames
-    layers = 16 * encoder.d_model * frames  # feed-forward expansion, residuals, conv module
-    features = 4 * model.features.config.n_mels * (samples // hop + 1)
+    return {"n_heads": model.encoder.config.n_heads, "d_model": model.encoder.config.d_model,
+            "hop_length": hop, "frame_samples": hop * model.subsampling_factor,
+            "n_mels": model.features.config.n_mels}
+
+
+def encoder_bytes(shape: dict, batch: int, samples: int) -> int:
+    """Estimated peak memory of encoding ``batch`` waveforms of ``samples`` samples at once,
+    in inference, with an encoder of :func:`encoder_shape` ``shape``: the attention scores of
+    every head, which grow with the square of the length, plus the layers' activations."""
+    frames = math.ceil(samples / shape["frame_samples"]) + 1
+    pairs = ATTENTION_FLOATS_PER_PAIR * shape["n_heads"] * frames * frames
+    layers = 16 * shape["d_model"] * frames  # feed-forward expansion, residuals, conv module
+    features = 4 * shape["n_mels"] * (samples // shape["hop_length"] + 1)
     return 4 * batch * (pairs + layers + features)
 
 
@@ -48,4 +54,4 @@ def check_memory(need: int, what: str, advice: str) -> None:
 
 
 __all__ = ["ATTENTION_FLOATS_PER_PAIR", "available_memory_bytes", "check_memory",
-           "encoder_bytes"]
+           "encoder_bytes", "encoder_shape"]
