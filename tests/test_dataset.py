@@ -194,3 +194,26 @@ def test_edge_noise_pads_with_the_noise_floor_reproducibly(manifest_dir):
     assert 0 <= len(first["audio"]) - len(plain[0]["audio"]) <= 2 * 0.3 * 16000
     with pytest.raises(Exception, match="edge_noise_seconds must be >= 0"):
         ManifestDataset(manifest_dir / "good.jsonl", strict=False, edge_noise_seconds=-1)
+
+
+def test_concat_joins_another_utterance_and_its_text(manifest_dir):
+    tokenizer = CharTokenizer.english()
+    plain = ManifestDataset(manifest_dir / "good.jsonl", tokenizer=tokenizer, strict=False)
+    joined = ManifestDataset(manifest_dir / "good.jsonl", tokenizer=tokenizer, strict=False,
+                             concat_prob=1.0)
+    item = joined[(2, 0)]
+    assert torch.equal(item["audio"], joined[(2, 0)]["audio"])  # (index, epoch) decides
+    first, rest = item["text"].split(" ", 3)[:3], item["text"].split(" ", 3)[3:]
+    assert " ".join(first) == "hello number 2" and rest and rest[0].startswith("hello number")
+    assert rest[0] != "hello number 2"  # the partner is another utterance
+    own = plain[2]["audio"]
+    assert torch.equal(item["audio"][: len(own)], own)
+    partner = plain[int(rest[0].split()[-1])]["audio"]
+    gap = len(item["audio"]) - len(own) - len(partner)
+    assert 0 <= gap <= 0.3 * 16000
+    assert torch.equal(item["audio"][len(own) + gap:], partner)
+    assert item["tokens"].tolist() == tokenizer.encode(item["text"])
+    assert ManifestDataset(manifest_dir / "good.jsonl", strict=False,
+                           concat_prob=0.0)[(2, 0)]["text"] == "hello number 2"
+    with pytest.raises(Exception, match=r"concat_prob must be within \[0, 1\]"):
+        ManifestDataset(manifest_dir / "good.jsonl", strict=False, concat_prob=1.5)

@@ -336,5 +336,5 @@ def test_a_cache_with_edge_noise_is_refused_before_training(tmp_path):
     config = load_run_config([], [f"output_dir={tmp_path / 'run'}",
                                   f"training.teacher_cache={tmp_path / 'missing.pt'}",
                                   "data.edge_noise_seconds=0.3"])
-    with pytest.raises(ConfigError, match="edge_noise_seconds changes every utterance"):
+    with pytest.raises(ConfigError, match="edge_noise_seconds and data.concat_prob change"):
         train(config)

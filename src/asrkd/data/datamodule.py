@@ -192,6 +192,7 @@ class ASRDataModule(L.LightningDataModule):
         strict: bool = True,
         speed_factors: tuple[float, ...] = (),
         edge_noise_seconds: float = 0.0,
+        concat_prob: float = 0.0,
         seed: int = 0,
         short_first: bool = False,
     ) -> None:
@@ -218,6 +219,7 @@ class ASRDataModule(L.LightningDataModule):
                 max_duration=self.hparams.max_duration if train else None,
                 speed_factors=tuple(self.hparams.speed_factors) if train else (),
                 edge_noise_seconds=self.hparams.edge_noise_seconds if train else 0.0,
+                concat_prob=self.hparams.concat_prob if train else 0.0,
                 seed=self.hparams.seed,
             )
         return self.datasets[split]
@@ -236,13 +238,18 @@ class ASRDataModule(L.LightningDataModule):
         if dataset.edge_noise_seconds:
             # Two uniform draws of up to edge_noise_seconds: on average this much longer.
             durations = [d + dataset.edge_noise_seconds for d in durations]
+        if dataset.concat_prob:
+            # A joined item is on average one mean utterance (and 0.15 s of gap) longer.
+            extra = dataset.concat_prob * (sum(durations) / max(1, len(durations)) + 0.15)
+            durations = [d + extra for d in durations]
         sampler = DurationBatchSampler(
             durations,
             max_batch_seconds=seconds,
             max_batch_size=self.hparams.max_batch_size,
             shuffle=train,
             seed=self.hparams.seed,
-            with_epoch=train and bool(dataset.speed_factors or dataset.edge_noise_seconds),
+            with_epoch=train and bool(dataset.speed_factors or dataset.edge_noise_seconds
+                                      or dataset.concat_prob),
             short_first=train and self.hparams.short_first,
         )
         workers = self.hparams.num_workers

@@ -226,6 +226,11 @@ class ManifestDataset(Dataset):
             the utterance's noise floor (the RMS of its quietest 25 ms) added before and after
             it (training): the model cannot learn that speech starts at the first frame, and
             recognises utterances cut from longer recordings with some silence around them.
+        concat_prob: probability that a training item is followed by another utterance of
+            the manifest (drawn at random) after a gap of up to 0.3 s of noise at their
+            noise floor, with the two transcripts joined: the model learns utterance
+            boundaries inside its input, as in a segment cut from a long recording (Lhotse's
+            and icefall's cut concatenation).
     """
 
     def __init__(
@@ -239,6 +244,7 @@ class ManifestDataset(Dataset):
         require_text: bool = True,
         speed_factors: tuple[float, ...] = (),
         edge_noise_seconds: float = 0.0,
+        concat_prob: float = 0.0,
         seed: int = 0,
     ) -> None:
         self.manifest = Path(manifest)
@@ -257,6 +263,9 @@ class ManifestDataset(Dataset):
         if edge_noise_seconds < 0:
             raise ConfigError(f"edge_noise_seconds must be >= 0, got {edge_noise_seconds}")
         self.edge_noise_seconds = edge_noise_seconds
+        if not 0.0 <= concat_prob <= 1.0:
+            raise ConfigError(f"concat_prob must be within [0, 1], got {concat_prob}")
+        self.concat_prob = concat_prob
 
     def _check_vocabulary(
         self, entries: list[ManifestEntry], tokenizer: Tokenizer, strict: bool
@@ -302,8 +311,42 @@ class ManifestDataset(Dataset):
         if isinstance(index, tuple):
             index, epoch = index
         entry = self.entries[index]
+        audio = self._load(entry)
+        if audio is None:
+            return None
+        factor = 1.0
+        rng = random.Random(f"{self.seed}:{epoch}:{index}") if epoch is not None else random
+        text, key = entry.text or "", utterance_key(entry)
+        if self.concat_prob and len(self.entries) > 1 and rng.random() < self.concat_prob:
+            other = self.entries[(index + rng.randrange(1, len(self.entries))) % len(self.entries)]
+            second = self._load(other)
+            if second is not None:
+                floor = min(noise_floor(audio, self.sample_rate),
+                            noise_floor(second, self.sample_rate))
+                gap = np.random.default_rng(rng.getrandbits(32)).standard_normal(
+                    int(rng.uniform(0.0, 0.3) * self.sample_rate)) * floor
+                audio = np.concatenate([audio, gap.astype(np.float32), second])
+                text = f"{text} {other.text or ''}".strip()
+                key = f"{key}+{utterance_key(other)}"
+        if self.speed_factors:
+            factor = rng.choice(self.speed_factors)
+            audio = speed_perturb(audio, factor, self.sample_rate)
+        if self.edge_noise_seconds:
+            audio = add_edge_noise(audio, self.edge_noise_seconds, self.sample_rate, rng)
+        item = {
+            "audio": torch.from_numpy(audio),
+            "text": text,
+            "index": index,
+            "key": speed_key(key, factor),
+        }
+        if self.tokenizer is not None and text:
+            item["tokens"] = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+        return item
+
+    def _load(self, entry: ManifestEntry) -> np.ndarray | None:
+        """An entry's waveform; None for an unloadable file when not strict (counted)."""
         try:
-            audio = load_audio(
+            return load_audio(
                 entry.audio_filepath,
                 self.sample_rate,
                 offset=entry.offset,
@@ -318,22 +361,6 @@ class ManifestDataset(Dataset):
             self.failed_loads += 1
             log.warning("skipped unloadable audio (%s); %d so far", error, self.failed_loads)
             return None
-        factor = 1.0
-        rng = random.Random(f"{self.seed}:{epoch}:{index}") if epoch is not None else random
-        if self.speed_factors:
-            factor = rng.choice(self.speed_factors)
-            audio = speed_perturb(audio, factor, self.sample_rate)
-        if self.edge_noise_seconds:
-            audio = add_edge_noise(audio, self.edge_noise_seconds, self.sample_rate, rng)
-        item = {
-            "audio": torch.from_numpy(audio),
-            "text": entry.text or "",
-            "index": index,
-            "key": speed_key(utterance_key(entry), factor),
-        }
-        if self.tokenizer is not None and entry.text:
-            item["tokens"] = torch.tensor(self.tokenizer.encode(entry.text), dtype=torch.long)
-        return item
 
 
 def noise_floor(audio: np.ndarray, sample_rate: int) -> float:

@@ -69,6 +69,9 @@ class DataConfig:
     # end-pointed utterances learn where an utterance starts: the AN4 teacher went from 8.8 %
     # to 12.9 % WER with 0.25 s of silence around each test utterance. See ManifestDataset.
     edge_noise_seconds: float = 0.0
+    # Probability that a training item is joined with another random utterance (see
+    # ManifestDataset): segments of long recordings hold several utterances.
+    concat_prob: float = 0.0
     short_first: bool = False  # first epoch from the shortest utterances to the longest
 
 
@@ -245,9 +248,11 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     tokenizer = _tokenizer(config, model_config)
     training = config.training
     data = config.data
-    if training.teacher_cache is not None and data.edge_noise_seconds > 0:
-        raise ConfigError("data.edge_noise_seconds changes every utterance's length, so a "
-                          "teacher cache cannot match it; distil from the teacher online")
+    if training.teacher_cache is not None and (data.edge_noise_seconds > 0
+                                               or data.concat_prob > 0):
+        raise ConfigError("data.edge_noise_seconds and data.concat_prob change the training "
+                          "audio, so a teacher cache cannot match it; distil from the "
+                          "teacher online")
     module = build_module(model_config, tokenizer, training,
                           teacher_checkpoint=_resolve(training.teacher_checkpoint),
                           teacher_cache=_resolve(training.teacher_cache),
@@ -265,6 +270,7 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         strict=data.strict,
         speed_factors=data.speed_factors,
         edge_noise_seconds=data.edge_noise_seconds,
+        concat_prob=data.concat_prob,
         seed=config.seed,
         short_first=data.short_first,
     )
