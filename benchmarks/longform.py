@@ -14,6 +14,7 @@ for each checkpoint measures, with ``asrkd.longform.LongFormTranscriber``:
 
 Usage: python benchmarks/longform.py --manifest exp/an4/manifests/test.jsonl
        --ckpt exp/an4/teacher/model.ckpt [--ckpt ...] [--repeats 4] [--json out.json]
+       [--min-pause-seconds S] [--merge-seconds S]  (LongFormConfig; default: its defaults)
 """
 
 from __future__ import annotations
@@ -33,25 +34,26 @@ import soundfile as sf
 import torch
 
 from asrkd.data.audio_processing import SAMPLE_RATE, load_audio
-from asrkd.longform import LongFormTranscriber
+from asrkd.longform import LongFormConfig, LongFormTranscriber
 from asrkd.models.e2e_asr import load_checkpoint
 from asrkd.utils.metrics import corpus_error_rates
 
 
-def _child(ckpt: str, wav: str, threads: int) -> None:
+def _child(ckpt: str, wav: str, threads: int, config: str) -> None:
     """Transcribe ``wav`` and print the result, its seconds and the peak RSS (MiB) as JSON."""
     torch.set_num_threads(threads)
     model = load_checkpoint(ckpt)
     start = time.perf_counter()
-    result = LongFormTranscriber(model, progress=False).transcribe(wav)
+    result = LongFormTranscriber(model, config=LongFormConfig(**json.loads(config)),
+                                 progress=False).transcribe(wav)
     seconds = time.perf_counter() - start
     print(json.dumps({"result": result.to_dict(), "seconds": seconds,
                       "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 
 
-def _run_child(ckpt: str, wav: Path, threads: int) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", ckpt, str(wav), str(threads)],
-                         capture_output=True, text=True, check=True)
+def _run_child(ckpt: str, wav: Path, threads: int, config: dict) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", ckpt, str(wav), str(threads),
+                          json.dumps(config)], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -63,8 +65,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--short-seconds", type=float, default=60.0)
     parser.add_argument("--tolerance", type=float, default=0.2)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--min-pause-seconds", type=float)
+    parser.add_argument("--merge-seconds", type=float)
     parser.add_argument("--json", type=Path)
     args = parser.parse_args(argv)
+    config = {name: value for name in ("min_pause_seconds", "merge_seconds")
+              if (value := getattr(args, name)) is not None}
     torch.set_num_threads(args.threads)
 
     rows = [json.loads(line) for line in args.manifest.read_text().splitlines() if line.strip()]
@@ -79,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
     references = [rows[i]["text"] for i in order]
     results: dict = {"manifest": str(args.manifest), "utterances": len(order),
                      "recording_seconds": round(len(recording) / SAMPLE_RATE, 1),
-                     "threads": args.threads, "models": {}}
+                     "threads": args.threads, "longform_config": config, "models": {}}
     with tempfile.TemporaryDirectory() as folder:
         long_wav, short_wav = Path(folder) / "long.wav", Path(folder) / "short.wav"
         sf.write(long_wav, recording, SAMPLE_RATE)
@@ -91,8 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
                 wave = torch.from_numpy(audio[i])[None]
                 pieces[i] = model.infer(wave, torch.tensor([wave.size(1)]))[0].text
             piece_texts = [pieces[i] for i in order]
-            short = _run_child(ckpt, short_wav, args.threads)
-            long = _run_child(ckpt, long_wav, args.threads)
+            short = _run_child(ckpt, short_wav, args.threads, config)
+            long = _run_child(ckpt, long_wav, args.threads, config)
             text = long["result"]["text"]
             words = long["result"]["words"]
             inside = 0
@@ -128,6 +134,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
     else:
         main()

@@ -59,6 +59,10 @@ def test_segments_cut_in_pauses_split_long_pieces_and_drop_silence():
     # is over 20 frames: cut again in the middle of its longest run inside, the gap at 40.
     # 57-60 holds no token.
     assert spans == [(0, 10), (10, 23), (23, 40), (40, 57)]
+    # Segments up to 50 frames, neighbours joined up to 25: 0-10 and 10-23 only.
+    lf = LongFormTranscriber(_model(), config=LongFormConfig(
+        min_pause_seconds=0.24, max_segment_seconds=4.0, merge_seconds=2.0))
+    assert lf.segments(marks) == [(0, 23), (23, 57)]
 
 
 def test_ctc_align_is_the_viterbi_path():

@@ -225,7 +225,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
         # piece by piece (asrkd.longform), so memory does not grow with their length.
         longform = LongFormTranscriber(
             model, method, fusion=fusion,
-            config=LongFormConfig(max_segment_seconds=args.max_segment_seconds),
+            config=LongFormConfig(max_segment_seconds=args.max_segment_seconds,
+                                  merge_seconds=args.merge_seconds),
         )
 
     files = expand_audio_paths(args.paths)
@@ -557,6 +558,9 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--max-segment-seconds", type=float, default=15.0,
                        help="files longer than this are cut at pauses into pieces at most "
                        "this long (default: %(default)s)")
+    infer.add_argument("--merge-seconds", type=float, default=0.0,
+                       help="join neighbouring pieces again while at most this long, for models "
+                       "trained with data.concat_prob (default: %(default)s)")
     infer.add_argument("--threads", type=int, default=2)
     _add_search_arguments(infer)
     _add_lm_arguments(infer)

@@ -84,13 +84,16 @@ class LongFormConfig:
     context_seconds: float = 2.0  # audio encoded on each side of it and dropped
     min_pause_seconds: float = 0.4  # shortest run without a token that cuts the recording
     max_segment_seconds: float = 15.0  # longest piece decoded as one utterance
+    # Neighbouring pieces are joined again while the result is at most this long (0: never),
+    # for models that recognise several utterances in one input (data.concat_prob).
+    merge_seconds: float = 0.0
     batch_seconds: float = 60.0  # audio decoded together
 
     def __post_init__(self) -> None:
         if min(self.window_seconds, self.min_pause_seconds, self.max_segment_seconds,
-               self.batch_seconds) <= 0 or self.context_seconds < 0:
-            raise ConfigError("long-form window, pause, segment and batch lengths must be > 0 "
-                              "and context_seconds >= 0")
+               self.batch_seconds) <= 0 or min(self.context_seconds, self.merge_seconds) < 0:
+            raise ConfigError("long-form window, pause, segment and batch lengths must be > 0, "
+                              "context_seconds and merge_seconds >= 0")
 
 
 class AudioSource:
@@ -248,7 +251,13 @@ class LongFormTranscriber:
             inside = [(b - a, (a + b) // 2) for a, b in runs if start < (a + b) // 2 < end]
             cut = max(inside)[1] if inside else (start + end) // 2
             pending.extend([(cut, end), (start, cut)])
-        return spans
+        merge = min(self.segment_frames, round(self.config.merge_seconds / self.frame_seconds))
+        merged: list[tuple[int, int]] = []
+        for start, end in spans:
+            if merged and merged[-1][1] == start and end - merged[-1][0] <= merge:
+                start = merged.pop()[0]
+            merged.append((start, end))
+        return merged
 
     # -- pass 2: each segment as an utterance --------------------------------------------
 
