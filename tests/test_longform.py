@@ -212,3 +212,19 @@ def test_cli_writes_words_segments_and_subtitles(tmp_path):
     assert len(row["words"]) == len(row["text"].split())
     srt = (tmp_path / "r.srt").read_text()
     assert srt == to_srt([Word(w["word"], w["start"], w["end"]) for w in row["words"]])
+
+
+@pytest.mark.parametrize(("decoder", "ctc"), [("rnnt", False), ("transformer", False)])
+def test_pauses_without_a_ctc_head(decoder, ctc):
+    """A transducer marks the frames where greedy search emits; an attention-only model the
+    frames 20 dB above the recording's quietest tenth."""
+    model = _model(decoder, ctc=ctc)
+    audio = np.concatenate([_noise(3.0), np.zeros(16000, np.float32), _noise(3.0, 1)])
+    lf = LongFormTranscriber(model, config=LongFormConfig(window_seconds=2.0))
+    with torch.inference_mode():
+        marks = lf.token_frames(AudioSource(audio))
+        encoded = model.encode(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))
+    assert marks.numel() == int(encoded.lengths[0])
+    if decoder == "transformer":  # the silent second, and only it, is quiet
+        quiet = (~marks).nonzero().view(-1)
+        assert 3.0 <= quiet.min() * lf.frame_seconds and quiet.max() * lf.frame_seconds < 4.1

@@ -196,8 +196,9 @@ class LongFormTranscriber:
     def token_frames(self, source: AudioSource) -> Tensor:
         """(T,) bool: the 80 ms frames (the encoder's frame step) where the model hears a
         token, for the whole recording, computed a window at a time."""
+        # A model with neither a CTC head nor a transducer marks frames by their energy.
+        by_energy = self.model.ctc is None and self.model.decoder_type != "rnnt"
         marks: list[Tensor] = []
-        energies: list[Tensor] = []
         plan = self.windows(source.samples)
         with self._bar(source.seconds if len(plan) > 1 else 0, "finding pauses") as bar:
             for read, keep, stop, end in plan:
@@ -209,21 +210,21 @@ class LongFormTranscriber:
                 count = (math.ceil((stop - keep) / self.frame_samples) if stop < source.samples
                          else output.size(0) - skip)
                 kept = output[skip : skip + count]
-                marks.append(self._marks(kept))
-                energies.append(self._energy(audio[keep - read : stop - read], kept.size(0)))
+                marks.append(self._energy(audio[keep - read : stop - read], kept.size(0))
+                             if by_energy else self._marks(kept))
                 bar.update(stop / SAMPLE_RATE - bar.n)
-        if self.model.ctc is None and self.model.decoder_type != "rnnt":
-            energy = torch.cat(energies)
+        if by_energy:
+            energy = torch.cat(marks)
             return energy > torch.quantile(energy, 0.1) + math.log(100.0)  # 20 dB above
         return torch.cat(marks)
 
     def _marks(self, output: Tensor) -> Tensor:
+        """(F,) bool of F encoder frames: CTC arg-max not blank, else a transducer emission."""
         if self.model.ctc is not None:
             return self.model.ctc(output).argmax(-1) != self.model.ctc.config.blank_id
         marks = torch.zeros(output.size(0), dtype=torch.bool)
-        if self.model.decoder_type == "rnnt":
-            hyp = rnnt_greedy(self.model.decoder, output[None], torch.tensor([output.size(0)]))[0]
-            marks[hyp.timestamps] = True
+        hyp = rnnt_greedy(self.model.decoder, output[None], torch.tensor([output.size(0)]))[0]
+        marks[hyp.timestamps] = True
         return marks
 
     def _energy(self, audio: np.ndarray, frames: int) -> Tensor:
