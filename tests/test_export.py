@@ -59,6 +59,10 @@ def test_onnx_matches_pytorch_on_real_speech(tmp_path, ljspeech_dir, decoder):
     for method in methods:
         expected = [h.text for h in model.infer(audio, lengths, method=method)]
         assert onnx.infer(audio.numpy(), lengths.numpy(), method) == expected
+    # Same model, same default search, same text (a transducer with a CTC head: RNN-T).
+    assert onnx.default_method == model.default_method() == methods[-1]
+    assert onnx.infer(audio.numpy(), lengths.numpy()) == [
+        h.text for h in model.infer(audio, lengths)]
     if decoder == "rnnt":
         _check_rnnt_graphs(model, onnx, encoded)
 

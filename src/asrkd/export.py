@@ -188,6 +188,8 @@ def export_onnx(model: E2EASR, out: str | Path, int8: bool = False) -> dict:
         "blank_id": 0,
         "int8": int8,
         "encoder": encoder_shape(model),  # for the memory check of long inputs
+        # What `asrkd infer --ckpt` runs on the same model, so that both print the same text.
+        "default_method": model.default_method(),
         "rnnt": None if model.decoder_type != "rnnt" else {
             "pred_layers": model.decoder.config.pred_layers,
             "pred_dim": model.decoder.config.pred_dim,
@@ -230,7 +232,13 @@ class OnnxASR:
 
     @property
     def default_method(self) -> str:
-        return "ctc_greedy" if "ctc" in self.sessions else "rnnt_greedy"
+        """The checkpoint's default search where these graphs run it (a transducer with a
+        CTC head decodes with the transducer, as ``asrkd infer --ckpt`` does), else CTC
+        greedy, else RNN-T greedy."""
+        method = self.description.get("default_method")
+        available = [m for m, graph in (("ctc_greedy", "ctc"), ("rnnt_greedy", "encoder"))
+                     if graph in self.sessions]
+        return method if method in available else available[0]
 
     def ctc_log_probs(self, audio: np.ndarray, lengths: np.ndarray):  # noqa: ANN201
         """(B, T, V) log-probs and (B,) frame lengths."""
