@@ -44,7 +44,6 @@ import torch
 from torch import Tensor
 
 from asrkd.data.audio_processing import SAMPLE_RATE, AudioError
-from asrkd.decoding import strategy
 from asrkd.decoding.rnnt import rnnt_greedy
 from asrkd.errors import ConfigError, UserError
 from asrkd.models.common import pad_sequences
@@ -166,12 +165,7 @@ class LongFormTranscriber:
                  progress: bool = True) -> None:
         self.model = model.eval()
         self.method = method or model.default_method()
-        decoding = model.config.decoding if model.config is not None else None
-        self.search = strategy(
-            self.method, beam_size or (decoding.beam_size if decoding else 4),
-            decoding.length_penalty if decoding else 1.0,
-            decoding.ctc_weight if decoding else 0.3, fusion,
-        )
+        self.search = model.search_strategy(self.method, beam_size, fusion)
         self.config = config or LongFormConfig()
         self.progress = progress
         self.frame_samples = model.features.config.hop_length * model.subsampling_factor

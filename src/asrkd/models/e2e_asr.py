@@ -337,9 +337,7 @@ class E2EASR(nn.Module):
         when the model has a CTC head), rnnt_greedy, rnnt_beam; None uses the config's.
         ``fusion``: a token n-gram LM fused into ``ctc_beam`` (:class:`~asrkd.models.lm.LMFusion`).
         """
-        decoding = self.config.decoding if self.config is not None else DecodingConfig()
-        search = strategy(method or self.default_method(), beam_size or decoding.beam_size,
-                          decoding.length_penalty, decoding.ctc_weight, fusion)
+        search = self.search_strategy(method, beam_size, fusion)
         check_memory(
             encoder_bytes(encoder_shape(self), audio.size(0), audio.size(1)),
             f"encoding {audio.size(0)} x {audio.size(1) / SAMPLE_RATE:.0f} s of audio in one pass",
@@ -357,6 +355,14 @@ class E2EASR(nn.Module):
             for hypothesis in hypotheses:
                 hypothesis.text = self.tokenizer.decode(hypothesis.tokens)
         return hypotheses
+
+    def search_strategy(self, method: str | None = None, beam_size: int | None = None,
+                        fusion: LMFusion | None = None):  # noqa: ANN201
+        """The search :meth:`infer` runs for ``method`` (None: :meth:`default_method`), with
+        the decoding config's beam size, length penalty and CTC weight unless overridden."""
+        decoding = self.config.decoding if self.config is not None else DecodingConfig()
+        return strategy(method or self.default_method(), beam_size or decoding.beam_size,
+                        decoding.length_penalty, decoding.ctc_weight, fusion)
 
     def transcribe(
         self, paths: list[str | Path], batch_size: int = 8, method: str | None = None
