@@ -35,7 +35,7 @@ def main() -> None:
                         help="default: the preset named like the stage")
     parser.add_argument("--manifests", type=Path, default=ROOT / "exp" / "an4" / "manifests")
     parser.add_argument("--threads", type=int, default=2)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()
     torch.set_num_threads(args.threads)
     config = args.config or ROOT / "src" / "asrkd" / "configs" / "presets" / f"{args.name}.yaml"
     steps = FULL.teacher_steps if args.name == "teacher" else FULL.student_steps
