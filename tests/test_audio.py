@@ -50,7 +50,12 @@ def numpy_log_mel(audio: np.ndarray, sample_rate: int = 16000, n_mels: int = 80)
     return np.log(power @ fbank + 1e-6)
 
 
-def test_log_mel_matches_numpy_reference_on_real_speech(ljspeech_dir):
+@pytest.mark.parametrize("exported", [False, True], ids=["stft", "onnx_dft_conv"])
+def test_log_mel_matches_numpy_reference_on_real_speech(ljspeech_dir, exported, monkeypatch):
+    """Eager features (torch.stft) and the exported graph's (the windowed DFT as a strided
+    convolution, see LogMelFeatures.forward) against the same reference."""
+    if exported:
+        monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
     audio = load_audio(ljspeech_dir / "wav" / "LJ001-0002.wav")
     extractor = LogMelFeatures(FeatureConfig(normalize=None))
     features, lengths = extractor(torch.from_numpy(audio)[None], torch.tensor([len(audio)]))
@@ -61,6 +66,20 @@ def test_log_mel_matches_numpy_reference_on_real_speech(ljspeech_dir):
     # frames, 2e-6 on average.
     assert error.max() < 1e-3, error.max()
     assert error.mean() < 1e-5, error.mean()
+
+
+@pytest.mark.parametrize("n_fft", [400, 512, 1024])
+def test_exported_dft_conv_matches_stft(n_fft, monkeypatch):
+    """Window as long as n_fft, centred in a longer one, and an odd offset (1024 - 400 = 624
+    samples of zeros split 312/312; 512: 56/56), on a batch with per-row lengths."""
+    extractor = LogMelFeatures(FeatureConfig(n_fft=n_fft, normalize=None))
+    audio = torch.randn(3, 8000, generator=torch.Generator().manual_seed(n_fft))
+    lengths = torch.tensor([8000, 5001, 1234])
+    eager, eager_lengths = extractor(audio, lengths)
+    monkeypatch.setattr(torch.onnx, "is_in_onnx_export", lambda: True)
+    exported, exported_lengths = extractor(audio, lengths)
+    assert torch.equal(eager_lengths, exported_lengths)
+    torch.testing.assert_close(exported, eager, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("seed", range(40))

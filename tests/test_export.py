@@ -121,13 +121,20 @@ def _check_rnnt_graphs(model, onnx: OnnxASR, encoded) -> None:  # noqa: ANN001
 @pytest.mark.slow
 def test_int8_transcripts_match_float(tmp_path, tiny_corpus):
     """A trained model (the CTC model of the learning test): int8 transcripts are within 1%
-    absolute WER of the float ones, and the file is much smaller."""
+    absolute WER of the float ones, and the matmul weights shrink about 4x."""
+    import onnx
+
     cer, model, batches = overfit("none", tiny_corpus, 200)
     assert cer < 0.05
     export_onnx(model, tmp_path / "f.onnx")
     export_onnx(model, tmp_path / "q.onnx", int8=True)
     assert json.loads((tmp_path / "q.onnx.json").read_text())["int8"] is True
-    assert (tmp_path / "q.onnx").stat().st_size < 0.5 * (tmp_path / "f.onnx").stat().st_size
+    graph = onnx.load(str(tmp_path / "f.onnx")).graph
+    sizes = {init.name: 4 * int(np.prod(init.dims)) for init in graph.initializer}
+    matmul_bytes = sum(sizes.get(name, 0) for node in graph.node
+                       if node.op_type in ("MatMul", "Gemm") for name in node.input)
+    saved = (tmp_path / "f.onnx").stat().st_size - (tmp_path / "q.onnx").stat().st_size
+    assert saved > 0.6 * matmul_bytes, (saved, matmul_bytes)  # 0.75 for int8 weights alone
     float_onnx, int8_onnx = OnnxASR(tmp_path / "f.onnx"), OnnxASR(tmp_path / "q.onnx")
     floats, int8s = [], []
     for batch in batches:
