@@ -4,8 +4,8 @@ Builds a recording by concatenating the utterances of a manifest (``--repeats`` 
 in a different shuffled order, so that a 6-minute test set makes a 24-minute recording), and
 for each checkpoint measures, with ``asrkd.longform.LongFormTranscriber``:
 
-* peak RSS of a child process transcribing the first ``--short-seconds`` of the recording
-  and of one transcribing all of it (the long/short ratio is the memory claim);
+* peak RSS (VmHWM) of a fresh process transcribing the first ``--short-seconds`` of the
+  recording and of one transcribing all of it (the long/short ratio is the memory claim);
 * WER of the long-form transcript and of the pieces transcribed one by one (``E2EASR.infer``)
   against the references, and of the long-form transcript against the pieces' transcripts;
 * word timestamps: the share of words that lie within ``--tolerance`` seconds of the piece
@@ -22,39 +22,17 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
 
+from asrkd.bench import run_longform
 from asrkd.data.audio_processing import SAMPLE_RATE, load_audio
-from asrkd.longform import LongFormConfig, LongFormTranscriber
 from asrkd.models.e2e_asr import load_checkpoint
 from asrkd.utils.metrics import corpus_error_rates
-
-
-def _child(ckpt: str, wav: str, threads: int, config: str) -> None:
-    """Transcribe ``wav`` and print the result, its seconds and the peak RSS (MiB) as JSON."""
-    torch.set_num_threads(threads)
-    model = load_checkpoint(ckpt)
-    start = time.perf_counter()
-    result = LongFormTranscriber(model, config=LongFormConfig(**json.loads(config)),
-                                 progress=False).transcribe(wav)
-    seconds = time.perf_counter() - start
-    print(json.dumps({"result": result.to_dict(), "seconds": seconds,
-                      "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
-
-
-def _run_child(ckpt: str, wav: Path, threads: int, config: dict) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", ckpt, str(wav), str(threads),
-                          json.dumps(config)], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -97,8 +75,8 @@ def main(argv: list[str] | None = None) -> dict:
                 wave = torch.from_numpy(audio[i])[None]
                 pieces[i] = model.infer(wave, torch.tensor([wave.size(1)]))[0].text
             piece_texts = [pieces[i] for i in order]
-            short = _run_child(ckpt, short_wav, args.threads, config)
-            long = _run_child(ckpt, long_wav, args.threads, config)
+            short = run_longform(ckpt, short_wav, args.threads, config)
+            long = run_longform(ckpt, long_wav, args.threads, config)
             text = long["result"]["text"]
             words = long["result"]["words"]
             inside = 0
@@ -119,9 +97,9 @@ def main(argv: list[str] | None = None) -> dict:
                     [" ".join(piece_texts)], [text])["wer"], 4),
                 "words": len(words),
                 "words_within_tolerance": round(inside / max(1, len(words)), 4),
-                "peak_rss_mib_short": round(short["peak_rss_mib"], 1),
-                "peak_rss_mib_long": round(long["peak_rss_mib"], 1),
-                "peak_rss_ratio": round(long["peak_rss_mib"] / short["peak_rss_mib"], 3),
+                "peak_rss_mb_short": short["peak_rss_mb"],
+                "peak_rss_mb_long": long["peak_rss_mb"],
+                "peak_rss_ratio": round(long["peak_rss_mb"] / short["peak_rss_mb"], 3),
                 "rtfx_long_form": round(len(recording) / SAMPLE_RATE / long["seconds"], 1),
             }
             results["models"][ckpt] = row
@@ -133,7 +111,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        _child(sys.argv[2], sys.argv[3], int(sys.argv[4]), sys.argv[5])
-    else:
-        main()
+    main()

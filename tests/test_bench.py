@@ -36,8 +36,12 @@ def test_bench_quick_writes_every_section(tmp_path, tiny_corpus):
         assert 0 < row["train"]["mfu"] and row["train_peak_rss_mb"] > 100
         assert row["onnx"]["onnx_int8"]["file_mb"] < row["onnx"]["onnx"]["file_mb"]
         assert row["onnx"]["onnx_int8"]["wer_vs_float"] is not None
+        assert list(row["longform"]) == ["0.05", "0.1"]  # QUICK's minutes
+        for longform in row["longform"].values():
+            assert longform["rtfx"] > 0 and longform["peak_rss_mb"] > 100
     text = out.read_text()
-    for heading in ("## Size and inference", "## Training", "## Peer: NeMo", "quick mode"):
+    for heading in ("## Size and inference", "## Long recordings", "## Training",
+                    "## Peer: NeMo", "quick mode"):
         assert heading in text
     assert "Missing: --no-nemo" in text and (tmp_path / "b.png").stat().st_size > 1000
     assert results["seconds"] < 600

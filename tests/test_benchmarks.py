@@ -85,7 +85,7 @@ def test_longform_and_edges_benchmarks_on_a_tiny_model(tmp_path: Path) -> None:
                                      "--json", str(tmp_path / "lf.json")])
     assert report["recording_seconds"] == 28.0 and report["utterances"] == 8
     row = report["models"][str(ckpt)]
-    assert row["peak_rss_mib_long"] > 0 and row["peak_rss_ratio"] > 0
+    assert row["peak_rss_mb_long"] > 100 and row["peak_rss_ratio"] > 0
     assert 0 <= row["words_within_tolerance"] <= 1 and row["segments"] >= 1
     assert json.loads((tmp_path / "lf.json").read_text()) == report
 

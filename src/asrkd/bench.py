@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -63,10 +64,11 @@ class BenchPlan:
     repeats: int = 3
     timing_seconds: float = 0.5  # RTFx: each batch repeats until this much time has run
     matmul_size: int = 2048
+    longform_minutes: tuple[float, ...] = (1.0, 10.0, 60.0)
 
 
 QUICK = BenchPlan(clips=2, clip_seconds=2.0, batch=2, rnnt_clips=1, train_batch=2,
-                  train_seconds=2.0, repeats=1, matmul_size=256)
+                  train_seconds=2.0, repeats=1, matmul_size=256, longform_minutes=(0.05, 0.1))
 
 
 def test_clips(corpus: Path, plan: BenchPlan) -> list[np.ndarray]:
@@ -189,6 +191,47 @@ def _rss_child(source: str, plan: BenchPlan) -> dict[str, float]:
     training_step(model, replace(plan, repeats=1), copy_model=False)
     peak = peak_rss_mb()
     return {"peak_mb": round(peak, 1), "step_mb": round(peak - before, 1)}
+
+
+def run_longform(checkpoint: str | Path, wav: str | Path, threads: int,
+                 config: dict | None = None) -> dict:
+    """Transcribe ``wav`` with :class:`~asrkd.longform.LongFormTranscriber` in a fresh process:
+    ``result`` (its ``to_dict``), ``seconds`` (transcription only, the model loaded) and
+    ``peak_rss_mb`` of that process (VmHWM: a child's ``ru_maxrss`` would start from its
+    parent's, which here holds a recording and models)."""
+    command = [sys.executable, "-m", "asrkd.bench", "--longform-child", str(checkpoint),
+               str(wav), "--threads", str(threads), "--longform-config", json.dumps(config or {})]
+    output = subprocess.run(command, capture_output=True, text=True, check=True, timeout=7200)
+    return json.loads(output.stdout.strip().splitlines()[-1])
+
+
+def _longform_child(checkpoint: str, wav: str, config: dict) -> dict:
+    from asrkd.longform import LongFormConfig, LongFormTranscriber
+
+    model = load_checkpoint(checkpoint)
+    start = time.perf_counter()
+    result = LongFormTranscriber(model, config=LongFormConfig(**config),
+                                 progress=False).transcribe(wav)
+    return {"result": result.to_dict(), "seconds": time.perf_counter() - start,
+            "peak_rss_mb": round(peak_rss_mb(), 1)}
+
+
+def longform_rows(checkpoint: str | Path, clips: list[np.ndarray], plan: BenchPlan,
+                  threads: int, workdir: Path) -> dict[str, dict]:
+    """RTFx and peak RSS of ``asrkd infer``'s long-form path on recordings of
+    ``plan.longform_minutes`` (the clips repeated), one fresh process each."""
+    rows = {}
+    speech = np.concatenate(clips)
+    for minutes in plan.longform_minutes:
+        samples = int(minutes * 60 * 16000)
+        wav = workdir / f"longform_{minutes:g}min.wav"
+        sf.write(wav, np.resize(speech, samples), 16000, subtype="PCM_16")
+        run = run_longform(checkpoint, wav, threads)
+        wav.unlink()
+        rows[f"{minutes:g}"] = {"rtfx": round(samples / 16000 / run["seconds"], 1),
+                                "peak_rss_mb": run["peak_rss_mb"],
+                                "segments": len(run["result"]["segments"])}
+    return rows
 
 
 def _load(source: str) -> E2EASR:
@@ -320,10 +363,11 @@ def run_bench(exp_dir: Path, corpus: Path, out_md: Path, out_json: Path, plot: P
                     f"{train['step_flops'] / train['step_seconds'] / peak:.3g}")},
                 "train_peak_rss_mb": peak_rss_of_training(str(path), plan, threads)["peak_mb"],
             }
+            workdir = Path(tmp) / name
+            workdir.mkdir()
             if model.ctc is not None:
-                workdir = Path(tmp) / name
-                workdir.mkdir()
                 row["onnx"] = onnx_rows(model, clips, plan, manifest, threads, workdir)
+            row["longform"] = longform_rows(path, clips, plan, threads, workdir)
             results["models"][name] = row
         if not any("rnnt_greedy" in row["decoding"] for row in results["models"].values()):
             for preset in ("teacher_cpu_rnnt", "student_cpu_rnnt"):
@@ -332,6 +376,7 @@ def run_bench(exp_dir: Path, corpus: Path, out_md: Path, out_json: Path, plot: P
                     "params": model.num_parameters(),
                     "decoding": decoding_rows(model, clips, plan, ["rnnt_greedy", "rnnt_beam"]),
                 }
+    results["corpus"], results["exp"] = str(corpus), str(exp_dir)
     results["nemo"] = nemo_comparison(quick, threads) if nemo else {"missing": "--no-nemo"}
     results["machine"] = {"cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
                           "threads": threads, "torch": torch.__version__,
@@ -385,10 +430,11 @@ def markdown(results: dict, json_path: Path, plot: Path) -> str:
            else "") + ".",
         "",
         f"RTFx = audio seconds / wall seconds (features + model + decoding) on "
-        f"{plan['clips']} clips of {plan['clip_seconds']:.0f} s cut from the default corpus "
-        f"test split, after a warm-up batch; each batch counts its fastest of at least "
-        f"{plan['repeats']} runs (and {plan['timing_seconds']:g} s of runs). WER is the demo's "
-        f"(reports/demo/metrics.json).",
+        f"{plan['clips']} clips of {plan['clip_seconds']:.0f} s cut from the test split of "
+        f"`{results.get('corpus', 'data/default')}`, after a warm-up batch; each batch counts "
+        f"its fastest of at least {plan['repeats']} runs (and {plan['timing_seconds']:g} s of "
+        f"runs). WER: the test WER that the report of `{results.get('exp', 'exp/demo')}` "
+        "measured for the same checkpoint (`reports/<name>/metrics.json`).",
         "",
         "## Size and inference",
         "",
@@ -432,6 +478,21 @@ def markdown(results: dict, json_path: Path, plot: Path) -> str:
             for method, speed in row["decoding"].items():
                 lines.append(f"| {name} | {row['params'] / 1e6:.2f} M | {method} | "
                              f"{speed['rtfx_b1']:.1f} | {speed[f'rtfx_b{batch}']:.1f} |")
+    longform = {n: r["longform"] for n, r in models.items() if r.get("longform")}
+    if longform:
+        lines += ["", "## Long recordings", "",
+                  "`asrkd infer --ckpt C long.wav` (`asrkd.longform`: the recording is read in "
+                  "windows, cut at pauses the model hears, and the pieces decoded in batches with "
+                  "the model's default search), on the clips above repeated to each length, "
+                  "written as 16-bit WAV; a fresh process per row, so peak RSS (VmHWM) includes "
+                  "loading the model.", "",
+                  "| model | audio min | RTFx | peak RSS MB | RSS / shortest |",
+                  "|---|---:|---:|---:|---:|"]
+        for name, rows in longform.items():
+            first = next(iter(rows.values()))["peak_rss_mb"]
+            for i, (minutes, row) in enumerate(rows.items()):
+                lines.append(f"| {name if i == 0 else ''} | {minutes} | {row['rtfx']:.0f} | "
+                             f"{row['peak_rss_mb']:.0f} | {row['peak_rss_mb'] / first:.2f} |")
     lines += ["", "## Training", "",
               f"One step = forward + loss + backward + AdamW on {plan['train_batch']} x "
               f"{plan['train_seconds']:.0f} s. MFU = step FLOPs / step time / fp32 matmul peak "
@@ -493,17 +554,25 @@ def _plot(results: dict, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Child mode for the peak-RSS measurement (``python -m asrkd.bench --rss-child SRC``);
-    prints one JSON line (see :func:`peak_rss_of_training`)."""
+    """Child modes for measurements in a fresh process, each printing one JSON line:
+    ``python -m asrkd.bench --rss-child SRC`` (:func:`peak_rss_of_training`) and
+    ``python -m asrkd.bench --longform-child CKPT WAV`` (:func:`run_longform`)."""
     import argparse
 
     parser = argparse.ArgumentParser()
-    parser.add_argument("--rss-child", required=True)
+    child = parser.add_mutually_exclusive_group(required=True)
+    child.add_argument("--rss-child")
+    child.add_argument("--longform-child", nargs=2, metavar=("CKPT", "WAV"))
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--train-batch", type=int, default=BenchPlan.train_batch)
     parser.add_argument("--train-seconds", type=float, default=BenchPlan.train_seconds)
+    parser.add_argument("--longform-config", default="{}", help="LongFormConfig fields, JSON")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.longform_child:
+        print(json.dumps(_longform_child(*args.longform_child,
+                                         json.loads(args.longform_config))))
+        return
     plan = BenchPlan(train_batch=args.train_batch, train_seconds=args.train_seconds)
     print(json.dumps(_rss_child(args.rss_child, plan)))
 
