@@ -519,11 +519,21 @@ def assert_same_hypotheses(got: list[Hypothesis], want: list[Hypothesis]) -> Non
         assert abs(g.score - w.score) < 1e-4 * max(1.0, abs(w.score))
 
 
+@pytest.mark.parametrize("compiled", [True, False], ids=["torchscript", "python"])
 @pytest.mark.parametrize(("layers", "activation"), [(1, "tanh"), (2, "relu")])
 @pytest.mark.parametrize("window", [1, 3, 32])
 @pytest.mark.parametrize("blank_bias", [-3.0, 0.0, 2.5])
 def test_label_looping_greedy_equals_frame_by_frame(blank_bias: float, window: int,
-                                                     layers: int, activation: str) -> None:
+                                                     layers: int, activation: str,
+                                                     compiled: bool, monkeypatch) -> None:
+    """The batched label loop, compiled by TorchScript (what runs) and as plain Python (what
+    runs where torch.jit.script fails), against the frame-by-frame search."""
+    from asrkd.decoding import rnnt as search
+
+    if compiled:
+        assert isinstance(search._compiled_label_loop(), torch.jit.ScriptFunction)
+    else:
+        monkeypatch.setattr(search, "_compiled_label_loop", lambda: search._label_loop)
     model = _tiny_model(seed=6, blank_bias=blank_bias, layers=layers, activation=activation)
     torch.manual_seed(13)
     lengths = torch.tensor([17, 3, 11, 1, 17, 8])

@@ -130,6 +130,42 @@ class PredictionNetwork(nn.Module):
         return cached[1]
 
 
+def lstm_steps(inputs: Tensor, state: list[tuple[Tensor, Tensor]], recurrent: list[Tensor],
+               biases: list[Tensor]) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+    """One step of :class:`DecodingLSTM`'s stacked LSTM for N rows: ``inputs`` (N, 4H) are the
+    first layer's projected inputs (rows of its ``table``), ``state`` one (h, c) pair of
+    (N, H) per layer; returns the top layer's output (N, H) and the new state.
+
+    A free function in TorchScript's subset of Python: the batched greedy search compiles
+    it into its label loop (see :func:`asrkd.decoding.rnnt.rnnt_greedy`).
+    """
+    h3 = 3 * recurrent[0].size(0)
+    x = inputs
+    new: list[tuple[Tensor, Tensor]] = []
+    for layer in range(len(state)):
+        h, c = state[layer]
+        if layer == 0:
+            gates = torch.addmm(inputs, h, recurrent[0])
+        else:
+            # Upper layers: [x, h] @ [W_ih; W_hh]^T + b in one product.
+            gates = torch.addmm(biases[layer - 1], torch.cat([x, h], dim=-1), recurrent[layer])
+        i, f, o = gates[:, :h3].sigmoid().chunk(3, dim=-1)  # gates ordered (i, f, o, g)
+        c = torch.addcmul(f * c, i, gates[:, h3:].tanh())
+        x = o * c.tanh()
+        new.append((x, c))
+    return x, new
+
+
+def joint_logits(encoder_proj: Tensor, pred_proj: Tensor, weight: Tensor, bias: Tensor,
+                 tanh: bool) -> Tensor:
+    """The joint network's output layer over projected inputs, without dropout (search):
+    ``F.linear(act(encoder_proj + pred_proj), weight, bias)``, act tanh or ReLU. TorchScript
+    compatible, like :func:`lstm_steps`."""
+    hidden = encoder_proj + pred_proj
+    hidden = hidden.tanh() if tanh else hidden.relu()
+    return F.linear(hidden, weight, bias)
+
+
 class DecodingLSTM:
     """The prediction network's LSTM prepared for search (no dropout, no autograd).
 
@@ -184,17 +220,8 @@ class DecodingLSTM:
              ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Advance N hypotheses by one label each: ``tokens`` (N,) -> output (N, H) and the
         new state."""
-        h, c = state[0]
-        x, c = self._cell(torch.addmm(self.table.index_select(0, tokens), h, self.recurrent[0]),
-                          c)
-        new = [(x, c)]
-        for layer in range(1, self.layers):
-            h, c = state[layer]
-            gates = torch.addmm(self.biases[layer - 1], torch.cat([x, h], dim=-1),
-                                self.recurrent[layer])
-            x, c = self._cell(gates, c)
-            new.append((x, c))
-        return x, new
+        return lstm_steps(self.table.index_select(0, tokens), state, self.recurrent,
+                          self.biases)
 
     def step_one(self, token: int, state: list[tuple[Tensor, Tensor]]
                  ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
@@ -245,9 +272,8 @@ class JointNetwork(nn.Module):
     def search_logits(self, encoder_proj: Tensor, pred_proj: Tensor) -> Tensor:
         """:meth:`combine` without dropout or module calls, for search in eval mode (a
         few microseconds less per call, and search calls it once per emitted label)."""
-        hidden = encoder_proj + pred_proj
-        hidden = hidden.tanh() if isinstance(self.activation, nn.Tanh) else hidden.relu()
-        return F.linear(hidden, self.output.weight, self.output.bias)
+        return joint_logits(encoder_proj, pred_proj, self.output.weight, self.output.bias,
+                            isinstance(self.activation, nn.Tanh))
 
     def forward(self, encoder_out: Tensor, pred_out: Tensor) -> Tensor:
         """Full lattice of joint logits.
