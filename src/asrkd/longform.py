@@ -47,7 +47,7 @@ from asrkd.data.audio_processing import SAMPLE_RATE, AudioError
 from asrkd.decoding.rnnt import rnnt_greedy
 from asrkd.errors import ConfigError, UserError
 from asrkd.models.common import pad_sequences
-from asrkd.utils.memory import check_memory, encoder_bytes, encoder_shape
+from asrkd.utils.memory import check_memory, encoder_bytes, encoder_shape, release_free_memory
 
 
 @dataclass(frozen=True)
@@ -281,6 +281,7 @@ class LongFormTranscriber:
                                       _shift(w.end, start * self.frame_seconds))
                                  for w in segment_words)
                 bar.update(batch[-1][1] * self.frame_seconds - bar.n)
+                release_free_memory()
         return LongFormResult(
             " ".join(t for t in texts if t), words, source.seconds, self.method,
             [(round(a * self.frame_seconds, 3), round(min(b * self.frame_samples,

@@ -55,3 +55,26 @@ def check_memory(need: int, what: str, advice: str) -> None:
 
 __all__ = ["ATTENTION_FLOATS_PER_PAIR", "available_memory_bytes", "check_memory",
            "encoder_bytes", "encoder_shape"]
+
+
+def release_free_memory() -> None:
+    """Hand memory that the C allocator holds but no tensor uses back to the system (glibc's
+    ``malloc_trim``; a no-op elsewhere).
+
+    Long-form transcription decodes batches of different shapes one after the other, and
+    glibc keeps the freed blocks: the AN4 teacher's peak RSS over a 23.8-minute recording was
+    1.2-1.4x that of its first minute, varying from run to run, with the same batches.
+    """
+    global _malloc_trim
+    if _malloc_trim is None:
+        try:
+            import ctypes
+
+            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _malloc_trim = False
+    if _malloc_trim:
+        _malloc_trim(0)
+
+
+_malloc_trim = None
