@@ -250,9 +250,8 @@ def _dft_pairs(window: torch.Tensor, n_fft: int) -> torch.Tensor:
     column j is sample ``(n_fft - win_length) // 2 + j`` of an ``n_fft`` frame, where
     ``torch.stft`` centres a shorter window.
 
-    Built from the window with integer and float32 ops, so that an exported graph carries the
-    window (win_length floats) rather than the matrix (0.8 MB at n_fft 512), and onnxruntime
-    folds it into a constant when it loads the graph.
+    Built from the window with integer and float32 ops in the traced forward; the exporter
+    folds them into one constant (0.8 MB at n_fft 512, measured in the file).
     """
     start = (n_fft - window.shape[0]) // 2
     n = torch.arange(start, start + window.shape[0], device=window.device)

@@ -139,7 +139,6 @@ def lstm_steps(inputs: Tensor, state: list[tuple[Tensor, Tensor]], recurrent: li
     A free function in TorchScript's subset of Python: the batched greedy search compiles
     it into its label loop (see :func:`asrkd.decoding.rnnt.rnnt_greedy`).
     """
-    h3 = 3 * recurrent[0].size(0)
     x = inputs
     new: list[tuple[Tensor, Tensor]] = []
     for layer in range(len(state)):
@@ -149,11 +148,19 @@ def lstm_steps(inputs: Tensor, state: list[tuple[Tensor, Tensor]], recurrent: li
         else:
             # Upper layers: [x, h] @ [W_ih; W_hh]^T + b in one product.
             gates = torch.addmm(biases[layer - 1], torch.cat([x, h], dim=-1), recurrent[layer])
-        i, f, o = gates[:, :h3].sigmoid().chunk(3, dim=-1)  # gates ordered (i, f, o, g)
-        c = torch.addcmul(f * c, i, gates[:, h3:].tanh())
-        x = o * c.tanh()
+        x, c = lstm_cell(gates, c)
         new.append((x, c))
     return x, new
+
+
+def lstm_cell(gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """The LSTM cell update from pre-activation ``gates`` (..., 4H) ordered (i, f, o, g) as in
+    :class:`DecodingLSTM`, and the cell state ``c`` (..., H): the new (h, c). One sigmoid covers
+    i, f and o. TorchScript compatible, like :func:`lstm_steps`."""
+    h3 = 3 * c.size(-1)
+    i, f, o = gates[..., :h3].sigmoid().chunk(3, dim=-1)
+    c = torch.addcmul(f * c, i, gates[..., h3:].tanh())
+    return o * c.tanh(), c
 
 
 def joint_logits(encoder_proj: Tensor, pred_proj: Tensor, weight: Tensor, bias: Tensor,
@@ -210,12 +217,6 @@ class DecodingLSTM:
         zeros = self.table.new_zeros(rows, self.hidden)
         return [(zeros, zeros)] * self.layers
 
-    def _cell(self, gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-        h3 = 3 * self.hidden
-        i, f, o = gates[..., :h3].sigmoid().chunk(3, dim=-1)
-        c = torch.addcmul(f * c, i, gates[..., h3:].tanh())
-        return o * c.tanh(), c
-
     def step(self, tokens: Tensor, state: list[tuple[Tensor, Tensor]]
              ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """Advance N hypotheses by one label each: ``tokens`` (N,) -> output (N, H) and the
@@ -227,13 +228,13 @@ class DecodingLSTM:
                  ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
         """:meth:`step` for one hypothesis: ``token`` a Python int, state of (H,) vectors."""
         h, c = state[0]
-        x, c = self._cell(torch.addmv(self.table[token], self.recurrent[0].t(), h), c)
+        x, c = lstm_cell(torch.addmv(self.table[token], self.recurrent[0].t(), h), c)
         new = [(x, c)]
         for layer in range(1, self.layers):
             h, c = state[layer]
             gates = torch.addmv(self.biases[layer - 1], self.recurrent[layer].t(),
                                 torch.cat([x, h]))
-            x, c = self._cell(gates, c)
+            x, c = lstm_cell(gates, c)
             new.append((x, c))
         return x, new
 

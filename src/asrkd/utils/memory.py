@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import math
 
 from asrkd.errors import UserError
@@ -53,8 +55,13 @@ def check_memory(need: int, what: str, advice: str) -> None:
                         f"{available / 2**30:.1f} GiB available; {advice}")
 
 
-__all__ = ["ATTENTION_FLOATS_PER_PAIR", "available_memory_bytes", "check_memory",
-           "encoder_bytes", "encoder_shape"]
+@functools.cache
+def _malloc_trim():  # noqa: ANN202
+    """glibc's ``malloc_trim``, or None where the C library has none."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
 
 
 def release_free_memory() -> None:
@@ -65,16 +72,10 @@ def release_free_memory() -> None:
     glibc keeps the freed blocks: the AN4 teacher's peak RSS over a 23.8-minute recording was
     1.2-1.4x that of its first minute, varying from run to run, with the same batches.
     """
-    global _malloc_trim
-    if _malloc_trim is None:
-        try:
-            import ctypes
-
-            _malloc_trim = ctypes.CDLL("libc.so.6").malloc_trim
-        except (OSError, AttributeError):
-            _malloc_trim = False
-    if _malloc_trim:
-        _malloc_trim(0)
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
 
-_malloc_trim = None
+__all__ = ["ATTENTION_FLOATS_PER_PAIR", "available_memory_bytes", "check_memory",
+           "encoder_bytes", "encoder_shape", "release_free_memory"]
