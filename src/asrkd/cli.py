@@ -1,4 +1,4 @@
-"""The ``asrkd`` command: corpus, presets, train, evaluate, infer, export, demo,
+"""The ``asrkd`` command: corpus, presets, train, evaluate, infer, export, demo, shard,
 cache-teacher, pseudo-label.
 
 User errors (bad config key, missing file, bad manifest line, unreadable checkpoint) end the
@@ -337,12 +337,31 @@ def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default: the tuned one)")
 
 
+def cmd_shard(args: argparse.Namespace) -> None:
+    """``asrkd shard``: pack a manifest into tar shards and print the summary as JSON."""
+    from asrkd.data.shards import write_shards
+
+    stats = write_shards(args.manifest, args.out, shard_seconds=args.shard_seconds,
+                         shuffle=args.shuffle, seed=args.seed,
+                         require_text=not args.no_text, strict=not args.skip_bad)
+    print(json.dumps(stats, indent=2))
+
+
 def cmd_cache_teacher(args: argparse.Namespace) -> None:
     """``asrkd cache-teacher``: write the cache and print its stats as JSON."""
     from asrkd.training.teacher_cache import cache_teacher
+    from asrkd.training.teacher_shards import cache_teacher_shards
     from asrkd.utils.threads import torch_threads
 
+    if (args.manifest is None) == (args.shards is None):
+        raise UserError("give either --manifest (one cache file) or --shards (a sharded cache)")
     with torch_threads(args.threads):
+        if args.shards is not None:
+            stats = cache_teacher_shards(args.ckpt, args.shards, args.out, top_k=args.top_k,
+                                         batch_seconds=args.batch_seconds,
+                                         speed_factors=args.speed_factors)
+            print(json.dumps(stats, indent=2))
+            return
         stats = cache_teacher(
             args.ckpt,
             args.manifest,
@@ -365,8 +384,11 @@ def add_cache_teacher_parser(subparsers: argparse._SubParsersAction) -> argparse
         "training set makes (--speed-factors, the same as data.speed_factors).",
     )
     parser.add_argument("--ckpt", required=True, help="teacher checkpoint")
-    parser.add_argument("--manifest", required=True, help="JSONL manifest (text optional)")
-    parser.add_argument("--out", required=True, help="cache file to write")
+    parser.add_argument("--manifest", help="JSONL manifest (text optional)")
+    parser.add_argument("--shards", help="instead of --manifest: a shard folder (`asrkd "
+                        "shard`); writes a compressed cache per shard into --out, which the "
+                        "shard loader reads alongside the audio")
+    parser.add_argument("--out", required=True, help="cache file (a folder with --shards)")
     parser.add_argument("--top-k", type=int, default=8, help="log-probs kept per frame")
     parser.add_argument("--batch-seconds", type=float, default=120.0)
     parser.add_argument("--temperature", type=float, default=1.0)
@@ -623,6 +645,25 @@ def build_parser() -> argparse.ArgumentParser:
     recipe.add_argument("--summary", default="", help="one line saying what the corpus is")
     recipe.add_argument("--title", default="asrkd report")
     recipe.set_defaults(func=cmd_recipe)
+
+    shard = sub.add_parser(
+        "shard", help="pack a manifest's audio and text into tar shards (streamed training)",
+        description="Write tar shards of about --shard-seconds of audio each (WebDataset "
+        "layout: <n>.flac + <n>.json per utterance) and index.json; train from them with "
+        "data.train_shards=OUT. The manifest may be NeMo JSONL or a Lhotse CutSet "
+        "(cuts.jsonl[.gz]).")
+    shard.add_argument("--manifest", required=True, help="NeMo JSONL manifest or Lhotse cuts")
+    shard.add_argument("--out", required=True, help="shard folder to write")
+    shard.add_argument("--shard-seconds", type=float, default=3600.0,
+                       help="audio per shard (default: %(default)s); at least ranks x loader "
+                       "workers shards are needed")
+    shard.add_argument("--shuffle", action=argparse.BooleanOptionalAction, default=True,
+                       help="mix utterances across shards before packing (default: on)")
+    shard.add_argument("--seed", type=int, default=0)
+    shard.add_argument("--no-text", action="store_true", help="unlabelled audio")
+    shard.add_argument("--skip-bad", action="store_true",
+                       help="skip bad manifest lines (counted) instead of stopping")
+    shard.set_defaults(func=cmd_shard)
 
     add_cache_teacher_parser(sub)
     add_pseudo_label_parser(sub)

@@ -76,8 +76,10 @@ class ModelModule(L.LightningModule):
 
     def loss_parts(self, batch: dict) -> dict[str, torch.Tensor]:
         targets, target_lengths = self.targets(batch)
+        # Stored teacher posteriors travel with the batch when a sharded cache is read.
+        stored = {"stored_teacher": batch["teacher"]} if "teacher" in batch else {}
         return self.objective(batch["audio"], batch["audio_lengths"], targets, target_lengths,
-                              batch.get("keys"))
+                              batch.get("keys"), **stored)
 
     def training_step(self, batch: dict | None, batch_idx: int) -> torch.Tensor | None:
         if batch is None:  # every utterance of the batch failed to load (strict: false)

@@ -8,6 +8,7 @@ used: it has no working build for the pinned torch, and the features here match 
 
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,28 @@ def load_audio(
         )
     except (sf.LibsndfileError, RuntimeError, TypeError) as error:
         raise AudioError(f"{path}: cannot read audio ({error})") from None
+    return _mono_at_rate(samples, file_rate, sample_rate, str(path))
+
+
+def decode_audio(data: bytes, name: str, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """An encoded audio file held in memory (say, a member of a tar shard), read as
+    :func:`load_audio` reads a file on disk: mono float32 at ``sample_rate``.
+
+    Raises:
+        AudioError: the bytes are not audio soundfile can read, or hold no samples;
+            the message names ``name``.
+    """
+    try:
+        samples, file_rate = sf.read(io.BytesIO(data), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as error:
+        raise AudioError(f"{name}: cannot read audio ({error})") from None
+    return _mono_at_rate(samples, file_rate, sample_rate, name)
+
+
+def _mono_at_rate(samples: np.ndarray, file_rate: int, sample_rate: int, name: str
+                  ) -> np.ndarray:
     if samples.size == 0:
-        raise AudioError(f"{path}: audio holds no samples")
+        raise AudioError(f"{name}: audio holds no samples")
     mono = samples.mean(axis=1) if samples.shape[1] > 1 else samples[:, 0]
     if file_rate != sample_rate:
         mono = soxr.resample(mono, file_rate, sample_rate, quality="HQ")

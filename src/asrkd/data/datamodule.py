@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
 from asrkd.data.dataset import ManifestDataset, collate_batch
+from asrkd.data.shards import BatchingConfig, ShardDataset, ShardLoader
 from asrkd.data.tokenizer import Tokenizer
 from asrkd.errors import ConfigError
 
@@ -195,9 +196,14 @@ class ASRDataModule(L.LightningDataModule):
         concat_prob: float = 0.0,
         seed: int = 0,
         short_first: bool = False,
+        train_shards: str | None = None,
+        shuffle_buffer: int = 1000,
+        num_buckets: int = 30,
+        teacher_shards: object | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(logger=False)
+        self.save_hyperparameters(logger=False, ignore=["teacher_shards"])
+        self.teacher_shards = teacher_shards
         self.tokenizer: Tokenizer | None = None
         self.datasets: dict[str, ManifestDataset] = {}
 
@@ -224,7 +230,28 @@ class ASRDataModule(L.LightningDataModule):
             )
         return self.datasets[split]
 
+    def _shard_loader(self) -> ShardLoader:
+        """Training batches streamed from ``train_shards`` (see :mod:`asrkd.data.shards`)."""
+        hp = self.hparams
+        if hp.concat_prob:
+            raise ConfigError("data.concat_prob joins random utterances of a manifest; with "
+                              "data.train_shards set it to 0 (shards are read as a stream)")
+        factors = tuple(hp.speed_factors)
+        batching = BatchingConfig(
+            max_batch_seconds=hp.max_batch_seconds, max_batch_size=hp.max_batch_size,
+            shuffle=True, buffer_size=hp.shuffle_buffer, num_buckets=hp.num_buckets,
+            min_duration=hp.min_duration, max_duration=hp.max_duration,
+            # Budget as the manifest loader does: the slowest speed copy, two edge-noise draws.
+            duration_scale=1.0 / min(factors) if factors else 1.0,
+            duration_extra=hp.edge_noise_seconds)
+        dataset = ShardDataset(hp.train_shards, self.tokenizer, batching, hp.num_workers,
+                               speed_factors=factors, edge_noise_seconds=hp.edge_noise_seconds,
+                               seed=hp.seed, strict=hp.strict, teacher=self.teacher_shards)
+        return ShardLoader(dataset, progress=self._train_progress, num_workers=hp.num_workers)
+
     def _loader(self, split: str) -> DataLoader:
+        if split == "train" and self.hparams.train_shards is not None:
+            return self._shard_loader()
         dataset = self._dataset(split)
         train = split == "train"
         seconds = self.hparams.max_batch_seconds

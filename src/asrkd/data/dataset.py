@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import math
@@ -41,6 +42,14 @@ class ManifestEntry:
     offset: float = 0.0
     speaker: str | None = None
     line: int = 0
+    # Only ``duration`` seconds from ``offset`` are the utterance, even at offset 0 (a Lhotse
+    # cut shorter than its recording); otherwise an offset-0 line is the whole file.
+    segment: bool = False
+
+    @property
+    def is_segment(self) -> bool:
+        """Whether the utterance is part of its file (read ``duration`` from ``offset``)."""
+        return bool(self.offset) or self.segment
 
 
 def utterance_key(audio_filepath: str | Path | ManifestEntry, offset: float = 0.0) -> str:
@@ -50,7 +59,10 @@ def utterance_key(audio_filepath: str | Path | ManifestEntry, offset: float = 0.
     The teacher cache is keyed by it.
     """
     if isinstance(audio_filepath, ManifestEntry):
-        audio_filepath, offset = audio_filepath.audio_filepath, audio_filepath.offset
+        entry = audio_filepath
+        if entry.segment and not entry.offset:  # the file's start: its duration tells it apart
+            return f"{Path(entry.audio_filepath).resolve()}@0.0+{entry.duration!r}"
+        audio_filepath, offset = entry.audio_filepath, entry.offset
     path = str(Path(audio_filepath).resolve())
     return f"{path}@{float(offset)!r}" if offset else path
 
@@ -135,8 +147,9 @@ def _check_line(
         if info.frames == 0:
             return None, "empty audio", f"{audio_path} holds no samples"
         available = info.frames / info.samplerate - float(offset)
+        segment = bool(offset) or record.get("segment") is True
         if float(duration) > available + DURATION_TOLERANCE or (
-            not offset and abs(available - float(duration)) > DURATION_TOLERANCE
+            not segment and abs(available - float(duration)) > DURATION_TOLERANCE
         ):
             return None, "duration mismatch", (
                 f"duration {duration} s disagrees with the file ({available:.3f} s from offset "
@@ -148,8 +161,67 @@ def _check_line(
         text=text.strip() if isinstance(text, str) else None,
         offset=float(offset),
         speaker=None if speaker is None else str(speaker),
+        segment=record.get("segment") is True,
     )
     return entry, None, None
+
+
+def _is_lhotse_cut(record: object) -> bool:
+    return isinstance(record, dict) and (
+        record.get("type") in LHOTSE_CUT_TYPES or ("recording" in record
+                                                   and "supervisions" in record))
+
+
+LHOTSE_CUT_TYPES = ("MonoCut", "MultiCut", "MixedCut", "Cut")
+
+
+def _from_lhotse_cut(cut: dict, manifest: Path) -> tuple[dict, str | None, str | None]:
+    """A Lhotse cut (a line of a CutSet JSONL, as ``CutSet.to_file`` writes it) as the
+    NeMo-style record it stands for: the recording's file, the cut's ``start`` as ``offset``
+    and its ``duration``, the texts of its supervisions joined in order, the first
+    supervision's speaker. Returns (record, None, None) or ({}, reason, detail).
+
+    A relative source path is looked up next to the manifest, then in the working directory
+    (Lhotse stores paths as given, usually relative to where its recipe ran).
+    """
+    kind = cut.get("type", "MonoCut")
+    if kind == "MixedCut" or "tracks" in cut:
+        return {}, "unsupported cut", (
+            "a MixedCut (padded or mixed in Lhotse) is not supported; give the cuts before "
+            "mixing, or write the mix to audio files")
+    recording = cut.get("recording")
+    if not isinstance(recording, dict) or not recording.get("sources"):
+        return {}, "unsupported cut", "the cut has no recording with sources (features-only " \
+            "cuts are not supported: asrkd computes its own features from audio)"
+    source = recording["sources"][0]
+    if len(recording["sources"]) > 1 or source.get("type") != "file":
+        return {}, "unsupported cut", (
+            f"recording source type {source.get('type')!r}: only single 'file' sources are "
+            "supported (for Lhotse Shar, read the shards with Lhotse and write files)")
+    channels = cut.get("channel", 0)
+    channels = channels if isinstance(channels, list) else [channels]
+    if sorted(channels) != sorted(recording.get("channel_ids", [0])):
+        return {}, "unsupported cut", (
+            f"the cut uses channels {channels} of a recording with {recording.get('channel_ids')}"
+            "; asrkd averages all channels of a file")
+    audio = Path(str(source.get("source", "")))
+    if not audio.is_absolute():
+        beside = manifest.parent / audio
+        audio = (beside if beside.exists() else Path.cwd() / audio).resolve()
+    supervisions = [s for s in cut.get("supervisions") or [] if isinstance(s, dict)]
+    texts = [s["text"] for s in supervisions if isinstance(s.get("text"), str) and s["text"]]
+    record = {"audio_filepath": str(audio), "duration": cut.get("duration"),
+              "offset": cut.get("start", 0.0)}
+    if texts:
+        record["text"] = " ".join(texts)
+    full = recording.get("duration")
+    if isinstance(full, (int, float)) and isinstance(record["duration"], (int, float)) and (
+            record["duration"] < full - 1e-3):
+        record["segment"] = True
+    speakers = [s["speaker"] for s in supervisions if s.get("speaker") is not None]
+    if speakers:
+        record["speaker"] = speakers[0]
+    return record, None, None
 
 
 def read_manifest(
@@ -164,7 +236,9 @@ def read_manifest(
 
     Each line is a JSON object with ``audio_filepath`` (absolute, or relative to the manifest's
     folder), ``duration`` (seconds), ``text`` (unless ``require_text=False``, for unlabelled
-    audio), and optionally ``offset`` and ``speaker``. Blank lines are ignored.
+    audio), and optionally ``offset`` and ``speaker``. Blank lines are ignored. A Lhotse CutSet
+    (``cuts.jsonl`` or ``cuts.jsonl.gz``; cuts of audio files) is read as the NeMo manifest
+    it stands for (see :func:`_from_lhotse_cut`); a ``.gz`` manifest is decompressed.
 
     With ``strict`` a bad line raises :class:`ManifestError` naming the manifest, the line
     number and the problem; otherwise bad lines are skipped, counted in the report, and logged
@@ -178,6 +252,11 @@ def read_manifest(
     report = ManifestReport(path=path)
     entries: list[ManifestEntry] = []
     raw = path.read_bytes()
+    if path.suffix == ".gz":  # Lhotse writes cuts.jsonl.gz
+        try:
+            raw = gzip.decompress(raw)
+        except (OSError, EOFError) as error:
+            raise ManifestError(f"{path}: not a readable gzip file ({error})") from None
     for number, raw_line in enumerate(raw.splitlines(), start=1):
         if not raw_line.strip():
             continue
@@ -192,7 +271,10 @@ def read_manifest(
             except json.JSONDecodeError as error:
                 reason, detail = "broken JSON", f"broken JSON ({error.msg} at column {error.colno})"
             else:
-                entry, reason, detail = _check_line(record, path, require_text, check_audio)
+                if _is_lhotse_cut(record):
+                    record, reason, detail = _from_lhotse_cut(record, path)
+                if reason is None:
+                    entry, reason, detail = _check_line(record, path, require_text, check_audio)
         if entry is None:
             message = f"{path}, line {number}: {detail}"
             if strict:
@@ -314,7 +396,6 @@ class ManifestDataset(Dataset):
         audio = self._load(entry)
         if audio is None:
             return None
-        factor = 1.0
         rng = random.Random(f"{self.seed}:{epoch}:{index}") if epoch is not None else random
         text, key = entry.text or "", utterance_key(entry)
         if self.concat_prob and len(self.entries) > 1 and rng.random() < self.concat_prob:
@@ -328,20 +409,8 @@ class ManifestDataset(Dataset):
                 audio = np.concatenate([audio, gap.astype(np.float32), second])
                 text = f"{text} {other.text or ''}".strip()
                 key = f"{key}+{utterance_key(other)}"
-        if self.speed_factors:
-            factor = rng.choice(self.speed_factors)
-            audio = speed_perturb(audio, factor, self.sample_rate)
-        if self.edge_noise_seconds:
-            audio = add_edge_noise(audio, self.edge_noise_seconds, self.sample_rate, rng)
-        item = {
-            "audio": torch.from_numpy(audio),
-            "text": text,
-            "index": index,
-            "key": speed_key(key, factor),
-        }
-        if self.tokenizer is not None and text:
-            item["tokens"] = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
-        return item
+        return make_item(audio, text, index, key, rng, self.tokenizer, self.speed_factors,
+                         self.edge_noise_seconds, self.sample_rate)
 
     def _load(self, entry: ManifestEntry) -> np.ndarray | None:
         """An entry's waveform; None for an unloadable file when not strict (counted)."""
@@ -350,7 +419,7 @@ class ManifestDataset(Dataset):
                 entry.audio_filepath,
                 self.sample_rate,
                 offset=entry.offset,
-                duration=entry.duration if entry.offset else None,
+                duration=entry.duration if entry.is_segment else None,
             )
         except AudioError as error:
             if self.strict:
@@ -361,6 +430,25 @@ class ManifestDataset(Dataset):
             self.failed_loads += 1
             log.warning("skipped unloadable audio (%s); %d so far", error, self.failed_loads)
             return None
+
+
+def make_item(audio: np.ndarray, text: str, index: int, key: str, rng: random.Random | object,
+              tokenizer: Tokenizer | None, speed_factors: tuple[float, ...] = (),
+              edge_noise_seconds: float = 0.0, sample_rate: int = SAMPLE_RATE) -> dict:
+    """One training or evaluation item from an utterance's waveform: speed perturbation (a
+    factor drawn from ``speed_factors`` with ``rng``), edge noise, token ids. ``key`` becomes
+    :func:`speed_key` of the factor drawn, the key a teacher cache stores that audio under."""
+    factor = 1.0
+    if speed_factors:
+        factor = rng.choice(speed_factors)
+        audio = speed_perturb(audio, factor, sample_rate)
+    if edge_noise_seconds:
+        audio = add_edge_noise(audio, edge_noise_seconds, sample_rate, rng)
+    item = {"audio": torch.from_numpy(audio), "text": text, "index": index,
+            "key": speed_key(key, factor)}
+    if tokenizer is not None and text:
+        item["tokens"] = torch.tensor(tokenizer.encode(text), dtype=torch.long)
+    return item
 
 
 def noise_floor(audio: np.ndarray, sample_rate: int) -> float:
@@ -385,13 +473,16 @@ def add_edge_noise(audio: np.ndarray, max_seconds: float, sample_rate: int,
         (noise.standard_normal(after) * floor).astype(np.float32)])
 
 
-def duration_batches(entries: list[ManifestEntry], batch_seconds: float) -> list[list[int]]:
-    """Indices grouped by ascending duration so that padded audio stays under batch_seconds."""
-    order = sorted(range(len(entries)), key=lambda i: entries[i].duration)
+def duration_batches(entries: list[ManifestEntry] | list[float], batch_seconds: float
+                     ) -> list[list[int]]:
+    """Indices of ``entries`` (or of durations in seconds) grouped by ascending duration so
+    that padded audio stays under batch_seconds."""
+    durations = [e if isinstance(e, (int, float)) else e.duration for e in entries]
+    order = sorted(range(len(durations)), key=durations.__getitem__)
     batches: list[list[int]] = []
     batch: list[int] = []
     for index in order:
-        if batch and entries[index].duration * (len(batch) + 1) > batch_seconds:
+        if batch and durations[index] * (len(batch) + 1) > batch_seconds:
             batches.append(batch)
             batch = []
         batch.append(index)
@@ -408,7 +499,8 @@ def collate_batch(items: list[dict | None]) -> dict | None:
 
     Returns a dict with ``audio`` (B, S), ``audio_lengths`` (B,), ``texts``, ``indices`` (B,),
     ``keys`` (utterance ids, see :func:`utterance_key`) and, when items carry tokens,
-    ``targets`` (B, U) padded with ``<pad>`` and ``target_lengths`` (B,).
+    ``targets`` (B, U) padded with ``<pad>`` and ``target_lengths`` (B,); when items carry
+    stored teacher posteriors (shards with a teacher cache), ``teacher`` (:func:`pad_teacher`).
     """
     items = [item for item in items if item is not None]
     if not items:
@@ -426,4 +518,22 @@ def collate_batch(items: list[dict | None]) -> dict | None:
             [item["tokens"] for item in items], pad_value=PAD_ID, min_length=1)
         batch["targets"] = targets
         batch["target_lengths"] = target_lengths
+    if all("teacher" in item for item in items):
+        batch["teacher"] = pad_teacher([item["teacher"] for item in items])
     return batch
+
+
+def pad_teacher(outputs: list[tuple[torch.Tensor, torch.Tensor]]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stored teacher posteriors of a batch, ``(values (T, k), indices (T, k))`` per utterance
+    (k may differ), as ``values`` (B, T, k) padded with -inf (probability 0), ``indices``
+    (B, T, k) padded with 0 and ``lengths`` (B,)."""
+    frames = max(v.shape[0] for v, _ in outputs)
+    k = max(v.shape[1] for v, _ in outputs)
+    values = torch.full((len(outputs), frames, k), float("-inf"))
+    indices = torch.zeros(len(outputs), frames, k, dtype=torch.long)
+    for row, (v, i) in enumerate(outputs):
+        values[row, : v.shape[0], : v.shape[1]] = v
+        indices[row, : i.shape[0], : i.shape[1]] = i
+    lengths = torch.tensor([v.shape[0] for v, _ in outputs], dtype=torch.long)
+    return values, indices, lengths

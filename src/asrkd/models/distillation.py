@@ -37,7 +37,8 @@ class TeacherSource(Protocol):
 
     def __call__(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: torch.Tensor,
                  target_lengths: torch.Tensor, *, keys: list[str] | None,
-                 student: ASROutput, need_hidden: bool, training: bool) -> Any: ...
+                 student: ASROutput, need_hidden: bool, training: bool,
+                 stored: Any = None) -> Any: ...
 
 
 class OnlineTeacher(nn.Module):
@@ -62,7 +63,7 @@ class OnlineTeacher(nn.Module):
 
     def forward(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: torch.Tensor,
                 target_lengths: torch.Tensor, *, keys: list[str] | None, student: ASROutput,
-                need_hidden: bool, training: bool) -> ASROutput:
+                need_hidden: bool, training: bool, stored: Any = None) -> ASROutput:
         with torch.no_grad():
             self.teacher.eval()
             return self.teacher(audio, audio_lengths, targets, target_lengths, need_hidden)
@@ -117,14 +118,17 @@ class KDWrapper(nn.Module):
         targets: torch.Tensor,
         target_lengths: torch.Tensor,
         keys: list[str] | None = None,
+        stored_teacher: Any = None,
     ) -> dict[str, torch.Tensor]:
         """Loss parts: ``asr`` (+ its own parts as ``asr_<name>``), ``kd_<name>``, ``kd`` and
-        ``total``. ``keys`` (utterance ids, the batch's ``keys``) are needed with a cache."""
+        ``total``. ``keys`` (utterance ids, the batch's ``keys``) are needed with a cache;
+        ``stored_teacher`` is the batch's ``teacher`` (posteriors read from a sharded cache by
+        the shard loader)."""
         need_hidden = bool(getattr(self.kd_loss_fn, "needs_hidden", False))
         student_out = self.student(audio, audio_lengths, targets, target_lengths, need_hidden)
         teacher_out = self.teacher_source(
             audio, audio_lengths, targets, target_lengths, keys=keys, student=student_out,
-            need_hidden=need_hidden, training=self.training,
+            need_hidden=need_hidden, training=self.training, stored=stored_teacher,
         )
         asr_parts = self.asr_loss_fn(student_out, targets, target_lengths)
         parts = {f"asr_{k}": v for k, v in asr_parts.items() if k != "total"}

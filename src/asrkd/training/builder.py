@@ -15,6 +15,7 @@ from asrkd.models.e2e_asr import E2EASR, ModelConfig, build_model
 from asrkd.models.teacher_model import load_teacher
 from asrkd.training.distillation import build_kd
 from asrkd.training.teacher_cache import TeacherCache
+from asrkd.training.teacher_shards import ShardedTeacherCache, is_sharded_cache
 
 if TYPE_CHECKING:
     from torch import nn
@@ -34,7 +35,8 @@ def build_objective(model: E2EASR, training: TrainingConfig,
     if not training.use_kd:
         return Supervised(model, asr_loss)
     if teacher_cache is not None:
-        cache = TeacherCache(teacher_cache)
+        cache = (ShardedTeacherCache(teacher_cache) if is_sharded_cache(teacher_cache)
+                 else TeacherCache(teacher_cache))
         cache.check_speed_factors(speed_factors)
         return build_kd(model, asr_loss, training.kd, teacher_cache=cache,
                         distil_final_output=training.distil_final_output)

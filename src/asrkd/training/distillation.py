@@ -19,9 +19,9 @@ from asrkd.losses.kd.rnnt import RNNT_WEIGHTINGS
 from asrkd.models.distillation import KDWrapper
 from asrkd.models.e2e_asr import E2EASR, ASROutput
 from asrkd.training.teacher_cache import (
+    CacheChecks,
     CachedCTCKD,
     CachedTeacher,
-    TeacherCache,
     check_frame_timing,
 )
 
@@ -140,7 +140,7 @@ def build_kd(
     asr_loss_fn: nn.Module,
     config: KDConfig,
     teacher: E2EASR | None = None,
-    teacher_cache: TeacherCache | None = None,
+    teacher_cache: CacheChecks | None = None,
     distil_final_output: bool = True,
 ) -> KDWrapper:
     """The :class:`KDWrapper` of ``config``: distil ``teacher`` (run on every batch) or the

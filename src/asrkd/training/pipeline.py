@@ -73,6 +73,11 @@ class DataConfig:
     # ManifestDataset): segments of long recordings hold several utterances.
     concat_prob: float = 0.0
     short_first: bool = False  # first epoch from the shortest utterances to the longest
+    # Train from tar shards (`asrkd shard`) instead of train_manifest: streamed, shuffled
+    # through a buffer of this many utterances, batched by dynamic duration bucketing.
+    train_shards: str | None = None
+    shuffle_buffer: int = 1000
+    num_buckets: int = 30
 
 
 @dataclass(frozen=True)
@@ -87,7 +92,9 @@ class TrainingConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     val_decoding: str = "ctc_greedy"
     early_stopping_patience: int | None = None
-    tokenizer_from: str | None = None  # checkpoint whose tokenizer to reuse (KD: the teacher's)
+    # Checkpoint whose tokenizer to reuse (KD: the teacher's), or a tokenizer JSON file
+    # (``Tokenizer.to_dict()``, as a recipe's tokenizer stage writes it).
+    tokenizer_from: str | None = None
     # Fine-tuning: start from this asrkd checkpoint's weights (and its tokenizer) instead of a
     # random initialisation; the optimizer, schedule and data order start afresh. The run's
     # model config must build the same tensors (dropout, SpecAugment and decoding may differ).
@@ -139,6 +146,20 @@ def load_run_config(
     return config
 
 
+def _sharded_teacher(training: TrainingConfig, data: DataConfig) -> object | None:
+    """The sharded teacher cache the shard loader reads alongside the audio, if
+    ``training.teacher_cache`` is one (checked against ``data.train_shards``)."""
+    from asrkd.training.teacher_shards import ShardedTeacherCache, is_sharded_cache
+
+    if not training.use_kd or training.teacher_cache is None or not is_sharded_cache(
+            _resolve(training.teacher_cache)):
+        return None
+    if data.train_shards is None:
+        raise ConfigError(f"training.teacher_cache={training.teacher_cache} is a sharded cache: "
+                          "the shard loader reads it, so set data.train_shards to its shards")
+    return ShardedTeacherCache(_resolve(training.teacher_cache))
+
+
 def _resolve(path: str | None) -> str | None:
     """Relative paths in configs are relative to the working directory, as on any command line."""
     if path is None:
@@ -167,10 +188,16 @@ def _tokenizer(config: RunConfig, model_config: ModelConfig) -> Tokenizer:
     if source is not None:
         from asrkd.data.tokenizer import tokenizer_from_dict
 
+        if str(source).endswith(".json"):  # Tokenizer.to_dict() saved on its own
+            return tokenizer_from_dict(json.loads(Path(_resolve(source)).read_text()))
         return tokenizer_from_dict(read_checkpoint(_resolve(source))["tokenizer"])
     kind = model_config.tokenizer.kind
     texts = None
-    if kind != "char":
+    if kind != "char" and config.data.train_shards is not None:
+        from asrkd.data.shards import shard_texts
+
+        texts = shard_texts(_resolve(config.data.train_shards))
+    elif kind != "char":
         dataset = ManifestDataset(_resolve(config.data.train_manifest), strict=config.data.strict)
         texts = [entry.text for entry in dataset.entries]
     return build_tokenizer(kind, texts, model_config.tokenizer.vocab_size)
@@ -273,6 +300,10 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         concat_prob=data.concat_prob,
         seed=config.seed,
         short_first=data.short_first,
+        train_shards=_resolve(data.train_shards),
+        shuffle_buffer=data.shuffle_buffer,
+        num_buckets=data.num_buckets,
+        teacher_shards=_sharded_teacher(training, data),
     )
     datamodule.attach_tokenizer(tokenizer)
     if training.average_best < 1:

@@ -95,12 +95,7 @@ def cache_teacher(
     check_temperature(temperature)
     if top_k < 1:
         raise UserError(f"top_k must be >= 1, got {top_k}")
-    if isinstance(checkpoint, E2EASR):
-        model, checkpoint_name = checkpoint, None
-    else:
-        model, checkpoint_name = load_checkpoint(checkpoint), str(Path(checkpoint).resolve())
-    if model.ctc is None:
-        raise UserError("the teacher has no CTC head; a teacher cache stores CTC posteriors")
+    model, checkpoint_name = _prepare_teacher(checkpoint)
     was_training = model.training
     model.eval()  # no SpecAugment, no dropout: the outputs are a function of the audio alone
     model.to(device)
@@ -124,20 +119,11 @@ def cache_teacher(
             for batch in duration_batches(entries, batch_seconds):
                 items = [dataset[wanted[i]] for i in batch]
                 for factor in factors:
-                    waves = [torch.from_numpy(speed_perturb(item["audio"].numpy(), factor,
-                                                            dataset.sample_rate))
-                             for item in items]
-                    audio, lengths = pad_sequences(waves)
-                    out = model(audio.to(device), lengths.to(device))
-                    log_probs = torch.log_softmax(upcast_half(out.ctc_logits) / temperature,
-                                                  dim=-1)
-                    values, indices = log_probs.topk(k, dim=-1)  # (B, T, k), largest first
-                    for row, item in enumerate(items):
-                        n = int(out.encoder_lengths[row])
-                        per_copy[factor, item["index"]] = (
-                            values[row, :n].float().cpu(),
-                            indices[row, :n].to(index_dtype).cpu(),
-                        )
+                    outputs = _teacher_topk(model, [item["audio"].numpy() for item in items],
+                                            factor, k, temperature, device,
+                                            dataset.sample_rate)
+                    for item, (values, indices) in zip(items, outputs, strict=True):
+                        per_copy[factor, item["index"]] = (values, indices.to(index_dtype))
     finally:
         model.train(was_training)
 
@@ -179,6 +165,32 @@ def cache_teacher(
         "mb": round(out_path.stat().st_size / 2**20, 3),
         "seconds": round(time.perf_counter() - start, 2),
     }
+
+
+def _prepare_teacher(checkpoint: str | Path | E2EASR) -> tuple[E2EASR, str | None]:
+    """The teacher model of a checkpoint path (or the model itself) and the path's name."""
+    if isinstance(checkpoint, E2EASR):
+        model, name = checkpoint, None
+    else:
+        model, name = load_checkpoint(checkpoint), str(Path(checkpoint).resolve())
+    if model.ctc is None:
+        raise UserError("the teacher has no CTC head; a teacher cache stores CTC posteriors")
+    return model, name
+
+
+def _teacher_topk(model: E2EASR, waves: Sequence, factor: float, k: int, temperature: float,
+                  device: str | torch.device, sample_rate: int
+                  ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The teacher's top-k CTC log-probs over each valid frame of each waveform (numpy, at
+    ``sample_rate``) played at speed ``factor``: ``(values (T, k) float32, indices (T, k))``,
+    largest first. ``model`` is in eval mode, under no_grad."""
+    audio, lengths = pad_sequences(
+        [torch.from_numpy(speed_perturb(wave, factor, sample_rate)) for wave in waves])
+    out = model(audio.to(device), lengths.to(device))
+    log_probs = torch.log_softmax(upcast_half(out.ctc_logits) / temperature, dim=-1)
+    values, indices = log_probs.topk(k, dim=-1)  # (B, T, k), largest first
+    return [(values[row, :n].float().cpu(), indices[row, :n].cpu())
+            for row, n in enumerate(out.encoder_lengths.tolist())]
 
 
 def check_speed_factors(speed_factors: Sequence[float]) -> tuple[float, ...]:
@@ -225,7 +237,47 @@ class TeacherCacheKeyError(UserError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
-class TeacherCache:
+class CacheChecks:
+    """What a stored teacher (a :class:`TeacherCache` or a sharded one) is checked against
+    before training: the student's vocabulary, frame rate and feature frames, and the training
+    set's speed factors. Subclasses set ``path``, ``vocab_size``, ``subsampling_factor``,
+    ``frame_timing`` and ``speed_factors``."""
+
+    path: Path
+    vocab_size: int
+    subsampling_factor: int
+    frame_timing: dict
+    speed_factors: tuple[float, ...]
+
+    def check_compatible(self, student: E2EASR) -> None:
+        """Raise a ValueError if the student's vocabulary or frame rate differs from the
+        teacher's, or a UserError if its feature frames do not line up with the teacher's
+        (then cached frames cannot be matched to the student's)."""
+        check_kd_compatibility(
+            self.vocab_size,
+            student.vocab_size,
+            self.subsampling_factor,
+            student.subsampling_factor,
+        )
+        check_frame_timing(self.frame_timing, student)
+
+    def check_speed_factors(self, speed_factors: Sequence[float]) -> None:
+        """Raise a UserError unless the cache holds every speed copy a training set read
+        with ``speed_factors`` (``data.speed_factors``; empty: none) will produce."""
+        needed = check_speed_factors(speed_factors)
+        missing = [f for f in needed
+                   if not any(math.isclose(f, have) for have in self.speed_factors)]
+        if missing:
+            have = ", ".join(f"{f:g}" for f in self.speed_factors)
+            raise UserError(
+                f"the training set is read at speed factors {[f'{f:g}' for f in needed]} but "
+                f"the teacher cache {self.path} holds only {have}: rebuild it with "
+                "`asrkd cache-teacher --speed-factors "
+                + " ".join(f"{f:g}" for f in needed) + "`"
+            )
+
+
+class TeacherCache(CacheChecks):
     """A teacher cache written by :func:`cache_teacher`, read safely (``weights_only=True``).
 
     Attributes:
@@ -266,33 +318,6 @@ class TeacherCache:
 
     def __contains__(self, key: str) -> bool:
         return key in self._row
-
-    def check_compatible(self, student: E2EASR) -> None:
-        """Raise a ValueError if the student's vocabulary or frame rate differs from the
-        teacher's, or a UserError if its feature frames do not line up with the teacher's
-        (then cached frames cannot be matched to the student's)."""
-        check_kd_compatibility(
-            self.vocab_size,
-            student.vocab_size,
-            self.subsampling_factor,
-            student.subsampling_factor,
-        )
-        check_frame_timing(self.frame_timing, student)
-
-    def check_speed_factors(self, speed_factors: Sequence[float]) -> None:
-        """Raise a UserError unless the cache holds every speed copy a training set read
-        with ``speed_factors`` (``data.speed_factors``; empty: none) will produce."""
-        needed = check_speed_factors(speed_factors)
-        missing = [f for f in needed
-                   if not any(math.isclose(f, have) for have in self.speed_factors)]
-        if missing:
-            have = ", ".join(f"{f:g}" for f in self.speed_factors)
-            raise UserError(
-                f"the training set is read at speed factors {[f'{f:g}' for f in needed]} but "
-                f"the teacher cache {self.path} holds only {have}: rebuild it with "
-                "`asrkd cache-teacher --speed-factors "
-                + " ".join(f"{f:g}" for f in needed) + "`"
-            )
 
     def utterance(self, key: str) -> tuple[torch.Tensor, torch.Tensor]:
         """One utterance's ``(values (T, k), indices (T, k) int64)``."""
@@ -444,29 +469,53 @@ class CachedCTCFrameKD(SoftenedKD):
 
 
 class CachedTeacher:
-    """A teacher source (:class:`~asrkd.models.distillation.TeacherSource`) that reads a
-    :class:`TeacherCache` instead of running the teacher: its stored top-k CTC posteriors for
-    the batch, padded to the student's frames, as ``(values, indices, lengths)``."""
+    """A teacher source (:class:`~asrkd.models.distillation.TeacherSource`) that reads stored
+    posteriors instead of running the teacher: from a :class:`TeacherCache` by the batch's
+    keys, or, with a sharded cache (:mod:`asrkd.training.teacher_shards`), those the shard
+    loader put in the batch (``stored``). Returns them padded to the student's frames, as
+    ``(values, indices, lengths)``."""
 
     teacher = None  # no model runs
 
-    def __init__(self, cache: TeacherCache) -> None:
+    def __init__(self, cache: CacheChecks) -> None:
         self.cache = cache
 
     def __call__(self, audio: torch.Tensor, audio_lengths: torch.Tensor, targets: torch.Tensor,
                  target_lengths: torch.Tensor, *, keys: list[str] | None, student: ASROutput,
-                 need_hidden: bool, training: bool
+                 need_hidden: bool, training: bool,
+                 stored: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        if keys is None:
-            raise ValueError("KD from a teacher cache needs the batch's utterance keys")
-        if not training and not all(key in self.cache for key in keys):
-            # Validation audio is usually not in a cache written over the training set: the
-            # validation loss is then the student's ASR loss (checkpoints follow val_wer).
-            return None
         logits = student.ctc_logits
-        values, indices, lengths = self.cache.batch(keys, logits.shape[1], logits.shape[-1])
+        if stored is not None:
+            values, indices, lengths = stored
+            values, indices = _fit_frames(values, indices, logits.shape[1])
+        elif not isinstance(self.cache, TeacherCache):
+            if training:
+                raise UserError(
+                    f"the sharded teacher cache {self.cache.path} is read by the shard loader: "
+                    "train from data.train_shards (the shards it was written for)")
+            return None  # validation batches come from manifests: ASR loss only
+        else:
+            if keys is None:
+                raise ValueError("KD from a teacher cache needs the batch's utterance keys")
+            if not training and not all(key in self.cache for key in keys):
+                # Validation audio is usually not in a cache written over the training set: the
+                # validation loss is then the student's ASR loss (checkpoints follow val_wer).
+                return None
+            values, indices, lengths = self.cache.batch(keys, logits.shape[1], logits.shape[-1])
         device = logits.device
         return values.to(device), indices.to(device), lengths.to(device)
+
+
+def _fit_frames(values: torch.Tensor, indices: torch.Tensor, frames: int
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stored (B, T', k) teacher outputs padded (-inf, 0) or cut to the student's T frames
+    (cut frames are padding: the loss checks the valid lengths agree)."""
+    if values.shape[1] >= frames:
+        return values[:, :frames], indices[:, :frames]
+    pad = frames - values.shape[1]
+    return (torch.nn.functional.pad(values, (0, 0, 0, pad), value=float("-inf")),
+            torch.nn.functional.pad(indices, (0, 0, 0, pad)))
 
 
 class CachedCTCKD(nn.Module):
