@@ -108,8 +108,9 @@ def train_stage(
     if name == "student_kd":
         overrides.append(f"training.teacher_checkpoint={exp / 'teacher' / 'model.ckpt'}")
         if plan.kd_teacher_cache:
-            speed_factors = load_run_config([config], overrides).data.speed_factors
-            cache, cache_seconds = _teacher_cache(exp, corpus, speed_factors)
+            data = load_run_config([config], overrides).data
+            cache, cache_seconds = _teacher_cache(exp, corpus, data.speed_factors,
+                                                  data.train_shards)
             overrides += [f"training.teacher_cache={cache}", "training.kd.losses=[ctc_kl]"]
     run_config = load_run_config([config], overrides)
     # An interrupted stage continues from its last checkpoint instead of starting over.
@@ -122,22 +123,28 @@ def train_stage(
     return result
 
 
-def _teacher_cache(exp: Path, corpus: Path, speed_factors: tuple[float, ...] = ()
-                   ) -> tuple[Path, float]:
+def _teacher_cache(exp: Path, corpus: Path, speed_factors: tuple[float, ...] = (),
+                   shards: str | None = None) -> tuple[Path, float]:
     """The teacher's top-k CTC posteriors over the training set at each of ``speed_factors``,
-    written once per teacher and set of factors."""
+    written once per teacher and set of factors: one file from ``corpus/train.jsonl``, or,
+    when the stages train from ``shards``, a sharded cache that the shard loader reads."""
     from asrkd.training.teacher_cache import cache_teacher, check_speed_factors
+    from asrkd.training.teacher_shards import cache_teacher_shards
 
     teacher = exp / "teacher" / "model.ckpt"
-    path = exp / "teacher_cache.pt"
+    path = exp / ("teacher_cache_shards" if shards else "teacher_cache.pt")
     info_file = path.with_suffix(".json")
     factors = list(check_speed_factors(speed_factors))
-    if path.is_file() and info_file.is_file() and path.stat().st_mtime > teacher.stat().st_mtime:
+    if (path.exists() and info_file.is_file()
+            and info_file.stat().st_mtime > teacher.stat().st_mtime):
         info = json.loads(info_file.read_text())
         if info.get("speed_factors", [1.0]) == factors:
             return path, float(info["seconds"])
     console.rule("caching the teacher's CTC posteriors over the training set")
-    info = cache_teacher(teacher, corpus / "train.jsonl", path, speed_factors=factors)
+    if shards:
+        info = cache_teacher_shards(teacher, shards, path, speed_factors=factors)
+    else:
+        info = cache_teacher(teacher, corpus / "train.jsonl", path, speed_factors=factors)
     info_file.write_text(json.dumps({"seconds": info["seconds"], "speed_factors": factors}))
     return path, float(info["seconds"])
 
