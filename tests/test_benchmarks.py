@@ -93,3 +93,21 @@ def test_longform_and_edges_benchmarks_on_a_tiny_model(tmp_path: Path) -> None:
                                  "--pad", "0.1"])
     assert set(edges["models"][str(ckpt)]) == {"as is", "0.1 s silence", "0.1 s noise floor",
                                                "0.1 s neighbours"}
+
+
+def test_shard_loader_benchmark_runs_and_counts_every_utterance(tmp_path: Path,
+                                                                 tiny_corpus) -> None:
+    import subprocess
+
+    out, md = tmp_path / "shards.json", tmp_path / "BENCH.md"
+    process = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "shards.py"), "--manifest",
+         str(tiny_corpus / "train.jsonl"), "--shard-seconds", "5", "--batch-seconds", "10",
+         "--repeats", "1", "--no-cold", "--json", str(out), "--markdown", str(md)],
+        capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert process.returncode == 0, process.stderr[-2000:]
+    report = json.loads(out.read_text())
+    assert report["utterances"] == 24 and not report["cold_cache_measured"]
+    assert set(report["rows"]) == {f"{k}/warm/{w}" for k in ("files", "shards") for w in (0, 2)}
+    assert all(row["utterances_per_s"] > 0 for row in report["rows"].values())
+    assert "| warm | 2 |" in md.read_text()

@@ -327,3 +327,18 @@ def test_shard_cli_writes_an_index(tmp_path, tiny_corpus):
     with tarfile.open(tmp_path / "s" / "shard-000000.tar") as tar:
         names = tar.getnames()
     assert names[0].endswith((".wav", ".flac")) and names[1].endswith(".json")
+
+
+def test_markdown_sections_survive_a_rewrite_of_the_file(tmp_path):
+    from asrkd.utils.markdown import carry_sections, update_section
+
+    path = tmp_path / "BENCH.md"
+    path.write_text("# Benchmarks\n\nold table\n")
+    update_section(path, "data-loading", "## Data\n\nrow 1")
+    update_section(path, "data-loading", "## Data\n\nrow 2")  # replaced, not repeated
+    update_section(path, "gpu", "## GPU\n\nnone")
+    text = path.read_text()
+    assert text.count("## Data") == 1 and "row 2" in text and "row 1" not in text
+    rewritten = carry_sections(text, "# Benchmarks\n\nnew table\n")
+    assert "new table" in rewritten and "old table" not in rewritten
+    assert rewritten.index("## Data") < rewritten.index("## GPU")

@@ -45,6 +45,7 @@ from asrkd.losses import ASRLoss
 from asrkd.models.common import pad_sequences
 from asrkd.models.e2e_asr import E2EASR, build_model, load_checkpoint
 from asrkd.models.presets import get_preset
+from asrkd.utils.markdown import carry_sections
 from asrkd.utils.metrics import corpus_error_rates
 from asrkd.utils.threads import torch_threads
 from asrkd.utils.timing import best_time, cpu_model, peak_rss_mb
@@ -387,7 +388,9 @@ def run_bench(exp_dir: Path, corpus: Path, out_md: Path, out_json: Path, plot: P
     results["date"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     out_json.parent.mkdir(parents=True, exist_ok=True)
     out_json.write_text(json.dumps(results, indent=2) + "\n")
-    out_md.write_text(markdown(results, _relative(out_json, out_md), _relative(plot, out_md)))
+    text = markdown(results, _relative(out_json, out_md), _relative(plot, out_md))
+    # Sections other benchmark scripts wrote into the file (data loading, GPU check) stay.
+    out_md.write_text(carry_sections(out_md.read_text(), text) if out_md.is_file() else text)
     _plot(results, plot)
     return results
 
