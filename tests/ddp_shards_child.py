@@ -1,9 +1,11 @@
 """Train one epoch from tar shards on 2 DDP processes with 2 loader workers each, recording
 the utterance keys every rank trains on.
 
-Run by tests/test_shards.py as ``python tests/ddp_shards_child.py SHARDS VAL OUT``; each rank
-writes ``OUT/keys_rank<r>.json`` (the keys of its training batches, in order) and the number
-of batches Lightning expected (``len(train_dataloader)``).
+Run by tests/test_shards.py as ``python tests/ddp_shards_child.py SHARDS VAL OUT [NODES
+DEVICES]`` (Lightning starts the second process itself), or under ``torchrun`` with
+``NODES DEVICES`` matching its layout (two single-process "nodes" on one machine test
+``trainer.num_nodes``); each rank writes ``OUT/keys_rank<r>.json`` (the keys of its training
+batches, in order) and the number of batches Lightning expected.
 """
 
 from __future__ import annotations
@@ -43,13 +45,15 @@ class RecordKeys(L.Callback):
 
 def main() -> None:
     shards, val, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+    nodes, devices = (int(sys.argv[4]), int(sys.argv[5])) if len(sys.argv) > 5 else (1, 2)
     build = pipeline.build_trainer
     pipeline.build_trainer = lambda *a, **k: build(*a, **k, extra_callbacks=[RecordKeys(out)])
     overrides = [f"{k}={v}" for k, v in TINY.items()] + [
         f"output_dir={out}", f"data.train_shards={shards}", f"data.val_manifest={val}",
         "data.num_workers=2", "data.max_batch_seconds=8", "data.shuffle_buffer=8",
         "data.speed_factors=[0.9,1.0,1.1]",
-        "trainer.devices=2", "trainer.strategy=ddp", "trainer.max_epochs=1",
+        f"trainer.num_nodes={nodes}", f"trainer.devices={devices}", "trainer.strategy=ddp",
+        "trainer.accelerator=cpu", "trainer.max_epochs=1",
         "trainer.max_steps=-1", "trainer.limit_val_batches=1",
         "trainer.enable_progress_bar=false", "trainer.enable_model_summary=false",
     ]

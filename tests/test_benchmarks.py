@@ -111,3 +111,19 @@ def test_shard_loader_benchmark_runs_and_counts_every_utterance(tmp_path: Path,
     assert set(report["rows"]) == {f"{k}/warm/{w}" for k in ("files", "shards") for w in (0, 2)}
     assert all(row["utterances_per_s"] > 0 for row in report["rows"].values())
     assert "| warm | 2 |" in md.read_text()
+
+
+def test_gpu_check_runs_in_quick_mode_on_the_cpu(tmp_path: Path) -> None:
+    """benchmarks/gpu_check.py (run by gpu_check.sh on a GPU) builds the LibriSpeech presets'
+    configs, steps them and writes its BENCHMARKS.md section; here with tiny shapes on CPU."""
+    spec = importlib.util.spec_from_file_location("asrkd_gpu_check",
+                                                  ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    md = tmp_path / "BENCH.md"
+    result = module.main(["--quick", "--device", "cpu", "--steps", "1", "--warmup", "0",
+                          "--json", str(tmp_path / "gpu.json"), "--markdown", str(md)])
+    assert set(result["models"]) == {"teacher", "student"}
+    assert all(row["audio_seconds_per_second"] > 0 for row in result["models"].values())
+    assert "Quick mode" in md.read_text() and "| teacher |" in md.read_text()

@@ -28,7 +28,7 @@ def test_tiny_librispeech_recipe_runs_every_stage(an4_dir, tmp_path):
     assert all(prepared[s]["utterances"] > 0
                for s in ("dev-clean", "dev-other", "test-clean", "test-other"))
     first = json.loads((exp / "manifests" / "train.jsonl").read_text().splitlines()[0])
-    assert first["text"] == first["text"].lower() and first["speaker"].isdigit()
+    assert first["text"] == first["text"].upper() and first["speaker"].isdigit()
     # Stages 1-2: shards and the shared BPE tokenizer.
     assert json.loads((exp / "shards" / "index.json").read_text())["utterances"] == 96
     assert json.loads((exp / "tokenizer.json").read_text())["type"] == "sentencepiece"

@@ -296,6 +296,15 @@ def test_sharded_teacher_cache_distils_like_the_one_file_cache(tmp_path, tiny_co
     assert collate_batch([None]) is None
 
 
+def _check_each_utterance_once(shards: Path, out: Path) -> None:
+    records = [json.loads((out / f"keys_rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 for r in records)
+    every = {meta["key"] for s in read_index(shards) for _, meta, _, _ in iter_shard(s.path)}
+    seen = Counter(key.split("#speed=")[0] for r in records for b in r["keys"] for key in b)
+    assert set(seen) == every and max(seen.values()) == 1
+    assert len(records[0]["keys"]) == len(records[1]["keys"]) == records[0]["expected_batches"]
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_two_workers_train_each_utterance_once_per_epoch(tmp_path,
                                                                          tiny_corpus):
@@ -308,12 +317,33 @@ def test_ddp_two_processes_two_workers_train_each_utterance_once_per_epoch(tmp_p
          str(tiny_corpus / "val.jsonl"), str(out)],
         capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert process.returncode == 0, process.stderr[-3000:]
-    records = [json.loads((out / f"keys_rank{r}.json").read_text()) for r in range(2)]
-    assert all(r["world_size"] == 2 for r in records)
-    every = {meta["key"] for s in read_index(shards) for _, meta, _, _ in iter_shard(s.path)}
-    seen = Counter(key.split("#speed=")[0] for r in records for b in r["keys"] for key in b)
-    assert set(seen) == every and max(seen.values()) == 1
-    assert len(records[0]["keys"]) == len(records[1]["keys"]) == records[0]["expected_batches"]
+    _check_each_utterance_once(shards, out)
+
+
+@pytest.mark.slow
+def test_two_nodes_launched_by_torchrun_train_each_utterance_once(tmp_path, tiny_corpus):
+    """The multi-node launch of docs/scale.md: one torchrun per node (here two single-process
+    nodes on this machine, gloo over loopback), Lightning's trainer.num_nodes=2."""
+    import socket
+
+    shards = tmp_path / "shards"
+    write_shards(tiny_corpus / "train.jsonl", shards, shard_seconds=4.0)
+    out = tmp_path / "run"
+    out.mkdir()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torchrun = Path(sys.executable).parent / "torchrun"
+    nodes = [subprocess.Popen(
+        [str(torchrun), "--nnodes=2", "--nproc-per-node=1", f"--node-rank={rank}",
+         "--master-addr=127.0.0.1", f"--master-port={port}",
+         str(ROOT / "tests" / "ddp_shards_child.py"), str(shards),
+         str(tiny_corpus / "val.jsonl"), str(out), "2", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+        for rank in range(2)]
+    outputs = [node.communicate(timeout=900) for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), outputs[0][1][-3000:]
+    _check_each_utterance_once(shards, out)
 
 
 def test_shard_cli_writes_an_index(tmp_path, tiny_corpus):

@@ -4,15 +4,17 @@ Stages (``--stage N --stop-stage M``, as in Kaldi, ESPnet and icefall; every sta
 an earlier run finished):
 
   0  manifests   NeMo JSONL per split from a LibriSpeech tree (``--root``, the folder holding
-                 ``train-clean-100/`` ...; ``<spk>/<chapter>/<spk>-<chapter>.trans.txt``)
+                 ``train-clean-100/`` ...; ``<spk>/<chapter>/<spk>-<chapter>.trans.txt``);
+                 transcripts as distributed (upper case: the tokenizers normalise case)
   1  shards      the training manifest packed into tar shards (``asrkd shard``)
   2  tokenizer   a BPE model of the training transcripts, shared by the three models
   3  models      teacher, student, the teacher's top-k CTC posteriors as a sharded cache read
                  alongside the audio, KD student; test-clean scored (report.md, metrics.json)
   4  evaluation  the three models on dev-clean, dev-other, test-clean and test-other
 
-Presets (``--gpus N``): a FastConformer-Large hybrid CTC/attention teacher (~120 M) and a
-FastConformer-Small student (~14 M), BPE 1024, 8x subsampling, bf16-mixed, DDP over N GPUs.
+Presets (``--gpus N``): a FastConformer-Large hybrid CTC/attention teacher (139 M parameters
+with BPE 1024) and a FastConformer-Small student (17 M, 8x fewer), 8x subsampling, bf16-mixed,
+DDP over N GPUs.
 Batch seconds and learning rates per GPU count are in :data:`GPU_PLANS`; the training hours
 there are estimates (from NeMo's published FastConformer recipes, scaled), not measurements,
 until a run on real GPUs replaces them.
@@ -32,11 +34,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import soundfile as sf
 
 ROOT = Path(__file__).resolve().parents[2]
 CONF = Path(__file__).resolve().parent / "conf"
@@ -80,43 +79,27 @@ TINY_MODEL = [
 ]
 
 
-def read_split(split_dir: Path) -> list[dict]:
-    """NeMo manifest lines of one LibriSpeech split folder (transcripts lowercased)."""
-    lines = []
-    for transcript in sorted(split_dir.glob("*/*/*.trans.txt")):
-        for row in transcript.read_text().splitlines():
-            if not row.strip():
-                continue
-            utterance, _, text = row.partition(" ")
-            audio = transcript.parent / f"{utterance}.flac"
-            lines.append({"audio_filepath": str(audio.resolve()), "text": text.strip().lower(),
-                          "speaker": utterance.split("-")[0]})
-    with ThreadPoolExecutor(8) as pool:  # sf.info per file: I/O bound on network storage
-        infos = list(pool.map(lambda line: sf.info(line["audio_filepath"]), lines))
-    for line, info in zip(lines, infos):
-        line["duration"] = round(info.frames / info.samplerate, 4)
-    return lines
-
-
 def prepare(root: Path, out: Path, train_sets: tuple[str, ...]) -> dict:
-    """Stage 0: ``train.jsonl`` (the chosen training sets), ``val.jsonl`` (dev-clean: the
-    checkpoint selection), ``test.jsonl`` (test-clean) and one manifest per evaluation set."""
+    """Stage 0: one NeMo manifest per split folder (``librispeech_to_manifest``), then
+    ``train.jsonl`` (the chosen training sets), ``val.jsonl`` (dev-clean: the checkpoint
+    selection) and ``test.jsonl`` (test-clean, the report's main table)."""
+    from asrkd.data.converters import librispeech_to_manifest
+
     out.mkdir(parents=True, exist_ok=True)
-    counts = {}
-    train = []
-    for name in train_sets:
+    for name in train_sets + EVAL_SETS:
         if not (root / name).is_dir():
             raise SystemExit(f"{root / name} not found (--root is the LibriSpeech folder; "
-                             f"choose --train-sets among {', '.join(TRAIN_SETS)})")
-        train += read_split(root / name)
-    sets = {"train": train}
-    for name in EVAL_SETS:
-        if not (root / name).is_dir():
-            raise SystemExit(f"{root / name} not found")
-        sets[name] = read_split(root / name)
-    sets["val"], sets["test"] = sets["dev-clean"], sets["test-clean"]
-    for name, lines in sets.items():
-        (out / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+                             f"training sets: {', '.join(TRAIN_SETS)})")
+        if not (out / f"{name}.jsonl").is_file():
+            librispeech_to_manifest(root / name, out / f"{name}.jsonl")
+    joined = {"train": "".join((out / f"{name}.jsonl").read_text() for name in train_sets),
+              "val": (out / "dev-clean.jsonl").read_text(),
+              "test": (out / "test-clean.jsonl").read_text()}
+    for name, text in joined.items():
+        (out / f"{name}.jsonl").write_text(text)
+    counts = {}
+    for name in ("train",) + EVAL_SETS:
+        lines = [json.loads(x) for x in (out / f"{name}.jsonl").read_text().splitlines() if x]
         counts[name] = {"utterances": len(lines),
                         "hours": round(sum(x["duration"] for x in lines) / 3600, 3)}
     (out / "prepared.json").write_text(json.dumps(counts, indent=2))
