@@ -1,6 +1,7 @@
 """Train a tiny model; with a kill step, SIGKILL this process right after that step.
 
-Run by tests/test_resume.py as ``python tests/resume_child.py CORPUS OUT KILL_AT RESUME``:
+Run by tests/test_resume.py as ``python tests/resume_child.py CORPUS OUT KILL_AT RESUME
+[SHARDS]``:
 a real process death (no cleanup, no exception handlers), mid-epoch, between checkpoints.
 """
 
@@ -56,10 +57,13 @@ class KillAt(L.Callback):
 def main() -> None:
     corpus, out, kill_at, resume = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), \
         sys.argv[4] == "1"
+    # Optional 5th argument: train from these tar shards, with 2 loader workers.
+    shards = [f"data.train_shards={sys.argv[5]}", "data.num_workers=2"] \
+        if len(sys.argv) > 5 else []
     if kill_at > 0:
         build = pipeline.build_trainer
         pipeline.build_trainer = lambda *a, **k: build(*a, **k, extra_callbacks=[KillAt(kill_at)])
-    train(load_run_config(overrides=overrides(corpus, out, steps=14)), resume=resume)
+    train(load_run_config(overrides=overrides(corpus, out, steps=14) + shards), resume=resume)
 
 
 if __name__ == "__main__":

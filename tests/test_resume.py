@@ -23,10 +23,11 @@ from resume_child import overrides
 HERE = Path(__file__).resolve().parent
 
 
-def _child(corpus: Path, out: Path, kill_at: int = 0, resume: bool = False) -> int:
+def _child(corpus: Path, out: Path, kill_at: int = 0, resume: bool = False,
+           shards: Path | None = None) -> int:
     process = subprocess.run(
         [sys.executable, str(HERE / "resume_child.py"), str(corpus), str(out), str(kill_at),
-         "1" if resume else "0"],
+         "1" if resume else "0"] + ([str(shards)] if shards else []),
         capture_output=True, text=True, timeout=600,
     )
     if process.returncode not in (0, -9):
@@ -39,15 +40,22 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_corpus):
-    assert _child(tiny_corpus, tmp_path / "whole") == 0
+@pytest.mark.parametrize("source", ["manifest", "shards"])
+def test_kill_and_resume_equals_an_uninterrupted_run(tmp_path, tiny_corpus, source):
+    shards = None
+    if source == "shards":  # streamed by 2 loader workers: their interleaving must resume too
+        from asrkd.data.shards import write_shards
+
+        shards = tmp_path / "shards"
+        write_shards(tiny_corpus / "train.jsonl", shards, shard_seconds=4.0)
+    assert _child(tiny_corpus, tmp_path / "whole", shards=shards) == 0
     # Killed after step 11: the last checkpoint is step 10, mid-way through the second epoch.
-    assert _child(tiny_corpus, tmp_path / "cut", kill_at=11) == -9
+    assert _child(tiny_corpus, tmp_path / "cut", kill_at=11, shards=shards) == -9
     cut = tmp_path / "cut" / "checkpoints" / "last.ckpt"
     assert safe_load(cut)["global_step"] == 10
     assert not list((tmp_path / "cut" / "checkpoints").glob("*.tmp-*"))
     assert not (tmp_path / "cut" / "model.ckpt").exists()
-    assert _child(tiny_corpus, tmp_path / "cut", resume=True) == 0
+    assert _child(tiny_corpus, tmp_path / "cut", resume=True, shards=shards) == 0
     for name in ("checkpoints/last.ckpt", "model.ckpt"):
         whole, resumed = _weights(tmp_path / "whole" / name), _weights(tmp_path / "cut" / name)
         assert whole.keys() == resumed.keys()

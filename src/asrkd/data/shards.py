@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import soundfile as sf
+import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
@@ -499,6 +500,9 @@ class ShardLoader(DataLoader):
                  **kwargs) -> None:  # noqa: ANN003
         workers = kwargs.pop("num_workers", dataset.num_workers)
         # Workers are started afresh each epoch (not persistent): they must see its plan.
+        # Its own generator: creating an iterator (every epoch) must not draw from the global
+        # RNG, or a resumed run's dropout masks would drift from the uninterrupted run's.
+        kwargs.setdefault("generator", torch.Generator().manual_seed(dataset.seed))
         super().__init__(dataset, batch_size=None, num_workers=workers,
                          persistent_workers=False, **kwargs)
         self._progress = progress
