@@ -7,7 +7,12 @@ workers, the configurations interleaved and repeated; the median counts. "cold" 
 cache before each epoch (``/proc/sys/vm/drop_caches``, needs root; skipped otherwise), which is
 what a first epoch on a corpus larger than memory looks like; "warm" reads from memory.
 
+With ``--teacher CKPT`` it also writes the teacher's CTC posteriors over the manifest (each
+speed copy) as a one-file cache and as a sharded cache and reports bytes per frame and per
+audio hour of each.
+
 Usage: python benchmarks/shards.py [--manifest M] [--json benchmarks/results/shards.json]
+       [--teacher exp/an4/teacher/model.ckpt] [--no-throughput]
        [--markdown BENCHMARKS.md]  (updates its "Data at scale" section)
 """
 
@@ -66,6 +71,54 @@ def _drain(loader: DataLoader) -> tuple[int, float]:
     return utterances, samples / 16000
 
 
+def measure_loaders(manifest: Path, shards: Path, repeats: int, batch_seconds: float,
+                    cold: bool) -> tuple[dict, bool]:
+    """Median utterances/s per (loader, page cache, workers), the configurations interleaved."""
+    cold_ok = cold and drop_page_cache()
+    runs: dict[str, list[float]] = {}
+    for _ in range(repeats):
+        # Cold first: by the warm runs each kind's bytes have been read in this repeat.
+        for cache in ("cold", "warm") if cold_ok else ("warm",):
+            for workers in (0, 2):
+                for kind in ("files", "shards"):
+                    if cache == "cold":
+                        drop_page_cache()
+                    begin = time.perf_counter()
+                    utterances, _ = (epoch_files(manifest, workers, batch_seconds)
+                                     if kind == "files" else
+                                     epoch_shards(shards, workers, batch_seconds))
+                    elapsed = time.perf_counter() - begin
+                    runs.setdefault(f"{kind}/{cache}/{workers}", []).append(utterances / elapsed)
+    return {key: {"utterances_per_s": round(statistics.median(v), 1),
+                  "runs": [round(x, 1) for x in v]} for key, v in runs.items()}, cold_ok
+
+
+def measure_teacher_cache(teacher: Path, manifest: Path, shards: Path,
+                          speed_factors: list[float]) -> dict:
+    """Bytes of the one-file teacher cache (float32 top-8) and of the sharded one (pruned,
+    quantised, deflated) for the same teacher, audio and speed copies."""
+    from asrkd.training.teacher_cache import cache_teacher
+    from asrkd.training.teacher_shards import cache_teacher_shards
+
+    torch.set_num_threads(2)
+    one = cache_teacher(teacher, manifest, shards.parent / "one_file_cache.pt",
+                        speed_factors=speed_factors)
+    sharded = cache_teacher_shards(teacher, shards, shards.parent / "teacher_cache",
+                                   speed_factors=speed_factors)
+    hours = sharded["audio_hours"]
+    one_bytes = (shards.parent / "one_file_cache.pt").stat().st_size
+    return {
+        "teacher": str(teacher), "top_k": sharded["top_k"], "speed_factors": speed_factors,
+        "audio_hours": hours, "frames": sharded["frames"],
+        "one_file_bytes": one_bytes,
+        "one_file_bytes_per_audio_hour": round(one_bytes / hours),
+        "one_file_bytes_per_frame": round(one_bytes / one["frames"], 2),
+        "sharded_bytes": sharded["bytes"],
+        "sharded_bytes_per_audio_hour": sharded["bytes_per_audio_hour"],
+        "sharded_bytes_per_frame": sharded["bytes_per_frame"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path,
@@ -78,43 +131,41 @@ def main() -> None:
     parser.add_argument("--markdown", type=Path, help="update this file's section")
     parser.add_argument("--cold", action=argparse.BooleanOptionalAction, default=True,
                         help="also measure with the page cache dropped (root only)")
+    parser.add_argument("--throughput", action=argparse.BooleanOptionalAction, default=True,
+                        help="measure the loaders (--no-throughput: keep --json's rows)")
+    parser.add_argument("--teacher", type=Path,
+                        help="also measure the teacher-cache size of this trained teacher")
+    parser.add_argument("--speed-factors", type=float, nargs="+", default=[0.9, 1.0, 1.1])
     args = parser.parse_args()
     torch.set_num_threads(1)
+    previous = json.loads(args.json.read_text()) if args.json.is_file() else {}
     with tempfile.TemporaryDirectory() as tmp:
+        shards = Path(tmp) / "shards"
         start = time.perf_counter()
-        summary = write_shards(args.manifest, Path(tmp), shard_seconds=args.shard_seconds)
+        summary = write_shards(args.manifest, shards, shard_seconds=args.shard_seconds)
         write_seconds = time.perf_counter() - start
         source_bytes = sum(Path(e["audio_filepath"]).stat().st_size if Path(
             e["audio_filepath"]).is_absolute() else (args.manifest.parent / e["audio_filepath"])
             .stat().st_size for e in map(json.loads, args.manifest.read_text().splitlines()))
-        cold_ok = args.cold and drop_page_cache()
-        runs: dict[str, list[float]] = {}
-        for _ in range(args.repeats):
-            # Cold first: by the warm runs each kind's bytes have been read in this repeat.
-            for cache in ("cold", "warm") if cold_ok else ("warm",):
-                for workers in (0, 2):
-                    for kind in ("files", "shards"):
-                        if cache == "cold":
-                            drop_page_cache()
-                        begin = time.perf_counter()
-                        utterances, seconds = (epoch_files(args.manifest, workers,
-                                                           args.batch_seconds)
-                                               if kind == "files" else
-                                               epoch_shards(Path(tmp), workers,
-                                                            args.batch_seconds))
-                        elapsed = time.perf_counter() - begin
-                        runs.setdefault(f"{kind}/{cache}/{workers}", []).append(
-                            utterances / elapsed)
-    rows = {key: {"utterances_per_s": round(statistics.median(v), 1),
-                  "runs": [round(x, 1) for x in v]} for key, v in runs.items()}
-    result = {
-        "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "manifest": str(args.manifest), "utterances": summary["utterances"],
-        "hours": summary["hours"], "shards": summary["shards"],
-        "shard_seconds": args.shard_seconds, "shard_bytes": summary["bytes"],
-        "source_bytes": source_bytes, "write_seconds": round(write_seconds, 2),
-        "cpu_count": os.cpu_count(), "cold_cache_measured": cold_ok, "rows": rows,
-    }
+        result = {
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "manifest": str(args.manifest), "utterances": summary["utterances"],
+            "hours": summary["hours"], "shards": summary["shards"],
+            "shard_seconds": args.shard_seconds, "shard_bytes": summary["bytes"],
+            "source_bytes": source_bytes, "write_seconds": round(write_seconds, 2),
+            "cpu_count": os.cpu_count(),
+        }
+        if args.throughput:
+            result["rows"], result["cold_cache_measured"] = measure_loaders(
+                args.manifest, shards, args.repeats, args.batch_seconds, args.cold)
+        else:
+            for key in ("date", "write_seconds", "rows", "cold_cache_measured"):
+                result[key] = previous[key]
+        if args.teacher:
+            result["teacher_cache"] = measure_teacher_cache(args.teacher, args.manifest, shards,
+                                                            args.speed_factors)
+        elif "teacher_cache" in previous:
+            result["teacher_cache"] = previous["teacher_cache"]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps(result, indent=2))
@@ -148,6 +199,24 @@ def markdown(result: dict, json_path: Path) -> str:
                 lines.append(f"| {cache} | {workers} | {files['utterances_per_s']:.0f} | "
                              f"{shards['utterances_per_s']:.0f} | "
                              f"{shards['utterances_per_s'] / files['utterances_per_s']:.2f} |")
+    cache = result.get("teacher_cache")
+    if cache:
+        factors = ", ".join(f"{f:g}" for f in cache["speed_factors"])
+        lines += [
+            "",
+            f"Teacher cache size, `--teacher {Path(cache['teacher']).name}` ({cache['teacher']}"
+            f"), top-{cache['top_k']} CTC log-probs of every encoder frame of every speed copy "
+            f"({factors}: {cache['audio_hours']:.2f} h of audio, {cache['frames']} frames):",
+            "",
+            "| cache | bytes / frame | MB / audio hour |",
+            "|---|---:|---:|",
+            f"| one file (`--manifest`: float32 values, int16 ids) | "
+            f"{cache['one_file_bytes_per_frame']:.1f} | "
+            f"{cache['one_file_bytes_per_audio_hour'] / 1e6:.2f} |",
+            f"| sharded (`--shards`: pruned below -16 nats, 1/16-nat bytes, deflated) | "
+            f"{cache['sharded_bytes_per_frame']:.1f} | "
+            f"{cache['sharded_bytes_per_audio_hour'] / 1e6:.2f} |",
+        ]
     return "\n".join(lines)
 
 

@@ -99,11 +99,18 @@ def test_shard_loader_benchmark_runs_and_counts_every_utterance(tmp_path: Path,
                                                                  tiny_corpus) -> None:
     import subprocess
 
+    from asrkd.data.tokenizer import CharTokenizer
+    from asrkd.models.e2e_asr import build_model, save_checkpoint
+    from test_e2e import tiny_config
+
+    teacher = save_checkpoint(build_model(tiny_config(), CharTokenizer.english()),
+                              tmp_path / "teacher.ckpt")
     out, md = tmp_path / "shards.json", tmp_path / "BENCH.md"
     process = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "shards.py"), "--manifest",
          str(tiny_corpus / "train.jsonl"), "--shard-seconds", "5", "--batch-seconds", "10",
-         "--repeats", "1", "--no-cold", "--json", str(out), "--markdown", str(md)],
+         "--repeats", "1", "--no-cold", "--json", str(out), "--markdown", str(md),
+         "--teacher", str(teacher), "--speed-factors", "1.0"],
         capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert process.returncode == 0, process.stderr[-2000:]
     report = json.loads(out.read_text())
@@ -111,6 +118,9 @@ def test_shard_loader_benchmark_runs_and_counts_every_utterance(tmp_path: Path,
     assert set(report["rows"]) == {f"{k}/warm/{w}" for k in ("files", "shards") for w in (0, 2)}
     assert all(row["utterances_per_s"] > 0 for row in report["rows"].values())
     assert "| warm | 2 |" in md.read_text()
+    cache = report["teacher_cache"]
+    assert 0 < cache["sharded_bytes_per_frame"] < cache["one_file_bytes_per_frame"]
+    assert "MB / audio hour" in md.read_text()
 
 
 def test_gpu_check_runs_in_quick_mode_on_the_cpu(tmp_path: Path) -> None:
