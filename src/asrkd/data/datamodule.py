@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -247,6 +248,9 @@ class ASRDataModule(L.LightningDataModule):
         dataset = ShardDataset(hp.train_shards, self.tokenizer, batching, hp.num_workers,
                                speed_factors=factors, edge_noise_seconds=hp.edge_noise_seconds,
                                seed=hp.seed, strict=hp.strict, teacher=self.teacher_shards)
+        # Lightning warns that an IterableDataset's __len__ may be wrong with several workers;
+        # this one's is exact (every worker yields the planned number of batches).
+        warnings.filterwarnings("ignore", message=r".*`IterableDataset` has `__len__` defined")
         return ShardLoader(dataset, progress=self._train_progress, num_workers=hp.num_workers)
 
     def _loader(self, split: str) -> DataLoader:

@@ -449,7 +449,7 @@ class ShardDataset(IterableDataset):
 
     def _stream(self, numbers: list[int], batches: list[Batch]) -> Iterator[dict]:
         wanted = {uid: b for b, batch in enumerate(batches) for uid in batch}
-        loaded: dict[tuple[int, int], dict | None] = {}
+        loaded: dict[tuple[int, int], tuple] = {}
         next_batch = 0
         for number in numbers:
             shard = self.shards[number]
@@ -459,11 +459,12 @@ class ShardDataset(IterableDataset):
             for position, meta, data, name in iter_shard(shard.path):
                 if (number, position) not in wanted:
                     continue
-                loaded[number, position] = self._item(number, position, meta, data, name,
-                                                      teacher)
+                # Held encoded until its batch is complete: the shuffle buffer costs the
+                # compressed bytes, not float32 waveforms.
+                loaded[number, position] = (meta, data, name, teacher)
                 while next_batch < len(batches) and all(
                         uid in loaded for uid in batches[next_batch]):
-                    items = [loaded.pop(uid) for uid in batches[next_batch]]
+                    items = [self._item(uid, *loaded.pop(uid)) for uid in batches[next_batch]]
                     next_batch += 1
                     batch = collate_batch(items)
                     if batch is not None:
@@ -472,7 +473,7 @@ class ShardDataset(IterableDataset):
             raise ShardError(f"{self.directory}: shards hold fewer utterances than the index "
                              "lists (rewrite them with `asrkd shard`)")
 
-    def _item(self, number: int, position: int, meta: dict, data: bytes, name: str,
+    def _item(self, uid: tuple[int, int], meta: dict, data: bytes, name: str,
               teacher: object | None) -> dict | None:
         try:
             audio = decode_audio(data, name, self.sample_rate)
@@ -483,7 +484,7 @@ class ShardDataset(IterableDataset):
             return None
         key = meta["key"]
         rng = random.Random(f"{self.seed}:{self.epoch}:{key}")
-        index = int(self._first_index[number]) + position
+        index = int(self._first_index[uid[0]]) + uid[1]
         item = make_item(audio, meta.get("text") or "", index, key, rng, self.tokenizer,
                          self.speed_factors, self.edge_noise_seconds, self.sample_rate)
         if teacher is not None:
