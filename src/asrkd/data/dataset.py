@@ -166,13 +166,13 @@ def _check_line(
     return entry, None, None
 
 
+LHOTSE_CUT_TYPES = ("MonoCut", "MultiCut", "MixedCut", "Cut")
+
+
 def _is_lhotse_cut(record: object) -> bool:
     return isinstance(record, dict) and (
         record.get("type") in LHOTSE_CUT_TYPES or ("recording" in record
                                                    and "supervisions" in record))
-
-
-LHOTSE_CUT_TYPES = ("MonoCut", "MultiCut", "MixedCut", "Cut")
 
 
 def _from_lhotse_cut(cut: dict, manifest: Path) -> tuple[dict, str | None, str | None]:
@@ -236,7 +236,9 @@ def read_manifest(
 
     Each line is a JSON object with ``audio_filepath`` (absolute, or relative to the manifest's
     folder), ``duration`` (seconds), ``text`` (unless ``require_text=False``, for unlabelled
-    audio), and optionally ``offset`` and ``speaker``. Blank lines are ignored. A Lhotse CutSet
+    audio), and optionally ``offset``, ``speaker`` and ``segment`` (true: only ``duration``
+    seconds from ``offset`` are the utterance even at offset 0; otherwise an offset-0 line must
+    be the whole file). Blank lines are ignored. A Lhotse CutSet
     (``cuts.jsonl`` or ``cuts.jsonl.gz``; cuts of audio files) is read as the NeMo manifest
     it stands for (see :func:`_from_lhotse_cut`); a ``.gz`` manifest is decompressed.
 
