@@ -372,3 +372,33 @@ def test_markdown_sections_survive_a_rewrite_of_the_file(tmp_path):
     rewritten = carry_sections(text, "# Benchmarks\n\nnew table\n")
     assert "new table" in rewritten and "old table" not in rewritten
     assert rewritten.index("## Data") < rewritten.index("## GPU")
+
+
+@pytest.mark.slow
+def test_training_from_shards_reshuffles_every_epoch(tmp_path, tiny_corpus, shards,
+                                                     monkeypatch):
+    """Through Lightning: each epoch gets its own plan (the loader reads the epoch from the
+    trainer), and each epoch trains on every utterance once."""
+    import lightning as L
+
+    import asrkd.training.pipeline as pipeline
+    from asrkd.training.pipeline import load_run_config, train
+    from resume_child import overrides
+
+    seen: dict[int, list[str]] = {}
+
+    class Record(L.Callback):
+        def on_train_batch_start(self, trainer, module, batch, batch_idx):  # noqa: ANN001
+            seen.setdefault(trainer.current_epoch, []).extend(batch["keys"])
+
+    build = pipeline.build_trainer
+    monkeypatch.setattr(pipeline, "build_trainer",
+                        lambda *a, **k: build(*a, **k, extra_callbacks=[Record()]))
+    run = overrides(tiny_corpus, tmp_path / "run", steps=-1) + [
+        f"data.train_shards={shards}", "trainer.max_epochs=2", "data.speed_factors=[]"]
+    train(load_run_config(overrides=run))
+    every = {meta["key"] for s in read_index(shards) for _, meta, _, _ in iter_shard(s.path)}
+    assert set(seen) == {0, 1}
+    for keys in seen.values():
+        assert sorted(keys) == sorted(every)
+    assert seen[0] != seen[1]

@@ -516,19 +516,30 @@ class ShardLoader(DataLoader):
     def load_state_dict(self, state: dict) -> None:
         self._resume = (int(state["epoch"]), int(state["batches_done"]))
 
+    def _position(self) -> tuple[int, int]:
+        """(epoch, batches of it already done) where the next iterator starts: a pending
+        resume, else the trainer's current epoch from its start."""
+        dataset: ShardDataset = self.dataset
+        if self._resume is None:
+            epoch = self._progress()[0] if self._progress is not None else dataset.epoch
+            return epoch, 0
+        epoch, done = self._resume
+        dataset.epoch = epoch
+        if done >= len(dataset):  # the checkpoint was taken at the end of the epoch
+            return epoch + 1, 0
+        return epoch, done
+
+    def __len__(self) -> int:
+        """Batches of the epoch about to start (Lightning reads it when it (re)loads the
+        loader; each epoch's plan has its own count)."""
+        self.dataset.epoch = self._position()[0]
+        return len(self.dataset)
+
     def __iter__(self):  # noqa: ANN204 - DataLoader's
         dataset: ShardDataset = self.dataset
         dataset.pin_layout()
-        if self._resume is not None:
-            epoch, done = self._resume
-            self._resume = None
-            dataset.epoch = epoch
-            if done >= len(dataset):  # the checkpoint was taken at the end of the epoch
-                epoch, done = epoch + 1, 0
-            dataset.epoch, dataset.skip = epoch, done
-        else:
-            dataset.epoch = self._progress()[0] if self._progress is not None else dataset.epoch
-            dataset.skip = 0
+        dataset.epoch, dataset.skip = self._position()
+        self._resume = None
         return super().__iter__()
 
 

@@ -308,8 +308,13 @@ def train(config: RunConfig, resume: bool = False) -> dict:
     datamodule.attach_tokenizer(tokenizer)
     if training.average_best < 1:
         raise ConfigError(f"training.average_best={training.average_best} must be >= 1")
+    trainer_config = dict(config.trainer)
+    if data.train_shards is not None:
+        # Each epoch of shards has its own plan, and its own number of batches: Lightning
+        # reads len(train loader) again only when it reloads the loader.
+        trainer_config.setdefault("reload_dataloaders_every_n_epochs", 1)
     trainer, callbacks = build_trainer(
-        config.trainer, output_dir, training.early_stopping_patience,
+        trainer_config, output_dir, training.early_stopping_patience,
         keep_best=training.average_best,
         checkpoint_every_n_steps=training.checkpoint_every_n_steps,
         regularization_warmup_steps=training.regularization_warmup_steps,
