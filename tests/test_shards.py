@@ -27,6 +27,7 @@ from asrkd.data.shards import (
     iter_shard,
     plan_epoch,
     read_index,
+    shard_keys,
     shard_texts,
     write_shards,
 )
@@ -131,7 +132,7 @@ def test_two_ranks_two_workers_see_every_utterance_once(shards):
         assert len(batches) == len(dataset)
         lengths.append(len(batches))
         keys.update(key for batch in batches for key in batch)
-    every = {meta["key"] for s in read_index(shards) for _, meta, _, _ in iter_shard(s.path)}
+    every = set(shard_keys(shards))
     assert set(keys) == every and max(keys.values()) == 1
     assert lengths[0] == lengths[1]
 
@@ -299,7 +300,7 @@ def test_sharded_teacher_cache_distils_like_the_one_file_cache(tmp_path, tiny_co
 def _check_each_utterance_once(shards: Path, out: Path) -> None:
     records = [json.loads((out / f"keys_rank{r}.json").read_text()) for r in range(2)]
     assert all(r["world_size"] == 2 for r in records)
-    every = {meta["key"] for s in read_index(shards) for _, meta, _, _ in iter_shard(s.path)}
+    every = set(shard_keys(shards))
     seen = Counter(key.split("#speed=")[0] for r in records for b in r["keys"] for key in b)
     assert set(seen) == every and max(seen.values()) == 1
     assert len(records[0]["keys"]) == len(records[1]["keys"]) == records[0]["expected_batches"]
@@ -397,7 +398,7 @@ def test_training_from_shards_reshuffles_every_epoch(tmp_path, tiny_corpus, shar
     run = overrides(tiny_corpus, tmp_path / "run", steps=-1) + [
         f"data.train_shards={shards}", "trainer.max_epochs=2", "data.speed_factors=[]"]
     train(load_run_config(overrides=run))
-    every = {meta["key"] for s in read_index(shards) for _, meta, _, _ in iter_shard(s.path)}
+    every = set(shard_keys(shards))
     assert set(seen) == {0, 1}
     for keys in seen.values():
         assert sorted(keys) == sorted(every)

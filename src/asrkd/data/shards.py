@@ -556,7 +556,7 @@ class ShardLoader(DataLoader):
         return super().__iter__()
 
 
-def every_utterance(directory: str | Path) -> list[str]:
+def shard_keys(directory: str | Path) -> list[str]:
     """The keys of a shard set in shard order (each utterance's ``key`` member field)."""
     return [meta["key"] for shard in read_index(directory)
             for _, meta, _, _ in iter_shard(shard.path)]
@@ -570,10 +570,10 @@ __all__ = [
     "ShardDataset",
     "ShardError",
     "ShardLoader",
-    "every_utterance",
     "iter_shard",
     "plan_epoch",
     "read_index",
+    "shard_keys",
     "shard_texts",
     "write_shards",
 ]
