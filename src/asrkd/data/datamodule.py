@@ -11,9 +11,9 @@ from pathlib import Path
 
 import lightning as L
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, Sampler
 
+import asrkd.utils.dist as ddp
 from asrkd.data.dataset import ManifestDataset, collate_batch
 from asrkd.data.shards import BatchingConfig, ShardDataset, ShardLoader
 from asrkd.data.tokenizer import Tokenizer
@@ -80,15 +80,11 @@ class DurationBatchSampler(Sampler[list[int]]):
 
     @property
     def num_replicas(self) -> int:
-        if self._num_replicas is not None:
-            return self._num_replicas
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return self._num_replicas if self._num_replicas is not None else ddp.world_size()
 
     @property
     def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return self._rank if self._rank is not None else ddp.rank()
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

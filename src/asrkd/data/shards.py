@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+import asrkd.utils.dist as ddp
 from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, decode_audio
 from asrkd.data.dataset import ManifestEntry, collate_batch, make_item, read_manifest, utterance_key
 from asrkd.data.tokenizer import Tokenizer
@@ -415,15 +415,11 @@ class ShardDataset(IterableDataset):
 
     @property
     def rank(self) -> int:
-        if self._rank is not None:
-            return self._rank
-        return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        return self._rank if self._rank is not None else ddp.rank()
 
     @property
     def world_size(self) -> int:
-        if self._world_size is not None:
-            return self._world_size
-        return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        return self._world_size if self._world_size is not None else ddp.world_size()
 
     def pin_layout(self) -> None:
         """Fix rank and world size now (in the rank's process, before workers start)."""
