@@ -403,3 +403,17 @@ def test_training_from_shards_reshuffles_every_epoch(tmp_path, tiny_corpus, shar
     for keys in seen.values():
         assert sorted(keys) == sorted(every)
     assert seen[0] != seen[1]
+
+
+@pytest.mark.parametrize("option", ["data.concat_prob=0.5", "data.short_first=true"])
+def test_options_a_stream_cannot_honour_are_refused(tmp_path, tiny_corpus, shards, option):
+    """Joining random utterances and a length-sorted first epoch need random access to the
+    whole epoch: with shards they are refused by name, never silently ignored."""
+    from asrkd.errors import ConfigError
+    from asrkd.training.pipeline import load_run_config, train
+    from resume_child import overrides
+
+    run = overrides(tiny_corpus, tmp_path / "run", steps=1) + [
+        f"data.train_shards={shards}", option]
+    with pytest.raises(ConfigError, match=option.split("=")[0].replace(".", r"\.")):
+        train(load_run_config(overrides=run))

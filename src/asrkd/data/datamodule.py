@@ -233,6 +233,11 @@ class ASRDataModule(L.LightningDataModule):
         if hp.concat_prob:
             raise ConfigError("data.concat_prob joins random utterances of a manifest; with "
                               "data.train_shards set it to 0 (shards are read as a stream)")
+        if hp.short_first:
+            # Sorting the first epoch by length would need every shard of a slot held in
+            # memory before its first batch; a stream cannot do that.
+            raise ConfigError("data.short_first orders a whole epoch by length; with "
+                              "data.train_shards set it to false (shards are read as a stream)")
         factors = tuple(hp.speed_factors)
         batching = BatchingConfig(
             max_batch_seconds=hp.max_batch_seconds, max_batch_size=hp.max_batch_size,
