@@ -69,7 +69,8 @@ class BenchPlan:
 
 
 QUICK = BenchPlan(clips=2, clip_seconds=2.0, batch=2, rnnt_clips=1, train_batch=2,
-                  train_seconds=2.0, repeats=1, matmul_size=256, longform_minutes=(0.05, 0.1))
+                  train_seconds=2.0, repeats=1, timing_seconds=0.0, matmul_size=256,
+                  longform_minutes=(0.05, 0.1))
 
 
 def test_clips(corpus: Path, plan: BenchPlan) -> list[np.ndarray]:

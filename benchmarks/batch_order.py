@@ -1,0 +1,121 @@
+"""How much does the order of the first batches decide? The AN4 recipe's teacher stage, with only
+the training batches changed (the model's seed, the speed-perturbation draws and everything
+else stay the recipe's).
+
+    python benchmarks/batch_order.py --exp exp/order/files_s1 --order-seed 1 trainer.max_steps=500
+    python benchmarks/batch_order.py --exp exp/order/shards_s1 --shards exp/an4_shards/shards \
+        --order-seed 1 trainer.max_steps=500
+    python benchmarks/batch_order.py --exp exp/order/plan --plan-from exp/an4_shards/shards \
+        trainer.max_steps=500
+
+Batches, one of:
+- the manifest's sampler (`DurationBatchSampler`) shuffled with ``--order-seed`` (default: the
+  recipe's seed), optionally shortest-first in the first epoch (``--short-first``);
+- ``--shards DIR``: read from the shards, their epoch plan drawn with ``--order-seed``;
+- ``--plan-from DIR``: the shards' epoch plan, but each utterance read from its file through the
+  manifest's dataset, to tell the plan's effect from the shard reader's.
+
+Extra ``key=value`` overrides follow the recipe's (run ``bash recipes/an4/run.sh`` or
+``recipes/an4/prepare.py`` first for exp/an4/manifests). Writes ``<exp>/teacher`` as
+``recipes/an4/train_stage.py`` does; docs/scale.md has the measured table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes" / "an4"))
+from run import FULL, OVERRIDES  # noqa: E402
+
+from asrkd.data import datamodule as dm  # noqa: E402
+from asrkd.data import shards as sh  # noqa: E402
+from asrkd.data.dataset import ManifestDataset, collate_batch  # noqa: E402
+from asrkd.recipe import train_stage  # noqa: E402
+
+EPOCHS_PLANNED = 200  # epochs of plan laid out for --plan-from (one loader "epoch")
+
+
+def plan_from_files(module: dm.ASRDataModule, directory: Path, seed: int) -> DataLoader:
+    """The shards' epoch plans (epochs 0 .. EPOCHS_PLANNED - 1, one after the other) as batches
+    of manifest indices, read from the files by the manifest's dataset."""
+    hp = module.hparams
+    factors = tuple(hp.speed_factors)
+    batching = sh.BatchingConfig(
+        max_batch_seconds=hp.max_batch_seconds, max_batch_size=hp.max_batch_size,
+        buffer_size=hp.shuffle_buffer, num_buckets=hp.num_buckets,
+        min_duration=hp.min_duration, max_duration=hp.max_duration,
+        duration_scale=1.0 / min(factors) if factors else 1.0,
+        duration_extra=hp.edge_noise_seconds)
+    reader = sh.ShardDataset(directory, None, batching, seed=seed, rank=0, world_size=1)
+    dataset = ManifestDataset(hp.train_manifest, tokenizer=module.tokenizer,
+                              speed_factors=factors, seed=hp.seed)
+    index = {str(Path(e.audio_filepath).resolve()): i for i, e in enumerate(dataset.entries)}
+    of_uid = {(n, position): index[meta["key"]] for n, shard in enumerate(reader.shards)
+              for position, meta, _, _ in sh.iter_shard(shard.path)}
+    batches = []
+    for epoch in range(EPOCHS_PLANNED):
+        reader.epoch = epoch
+        batches += [[(of_uid[uid], epoch) for uid in batch] for batch in reader.plan()[1][0]]
+    return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("overrides", nargs="*", help="key=value, after the recipe's own")
+    parser.add_argument("--exp", type=Path, required=True)
+    parser.add_argument("--order-seed", type=int, help="default: the run's seed")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--shards", type=Path)
+    group.add_argument("--plan-from", type=Path)
+    parser.add_argument("--short-first", action="store_true")
+    parser.add_argument("--manifests", type=Path, default=ROOT / "exp" / "an4" / "manifests")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_intermixed_args()
+    torch.set_num_threads(args.threads)
+    overrides = list(OVERRIDES) + args.overrides
+    if args.shards is not None:
+        overrides.append(f"data.train_shards={args.shards}")
+    if args.short_first:
+        overrides.append("data.short_first=true")
+    seed = args.order_seed
+
+    if seed is not None and args.plan_from is None:
+        # Only the order's seed: the sampler's or the shard plan's (the speed-perturbation
+        # draws keep the run's seed, which the manifest dataset and the shard reader use).
+        sampler_init = dm.DurationBatchSampler.__init__
+
+        def seeded_sampler(self, *a, **k) -> None:  # noqa: ANN001, ANN002, ANN003
+            sampler_init(self, *a, **k)
+            if self.shuffle:
+                self.seed = seed
+        dm.DurationBatchSampler.__init__ = seeded_sampler
+        plan_epoch = sh.plan_epoch
+        sh.plan_epoch = lambda shards, slots, epoch, _seed, config: plan_epoch(
+            shards, slots, epoch, seed, config)
+    if args.plan_from is not None:
+        loader = dm.ASRDataModule._loader
+        directory, plan_seed = args.plan_from, seed if seed is not None else 0
+
+        def train_from_plan(self, split: str) -> DataLoader:  # noqa: ANN001
+            if split != "train":
+                return loader(self, split)
+            return plan_from_files(self, directory, plan_seed)
+        dm.ASRDataModule._loader = train_from_plan
+
+    config = ROOT / "src" / "asrkd" / "configs" / "presets" / "teacher.yaml"
+    result = train_stage("teacher", FULL, args.manifests, args.exp, FULL.teacher_steps,
+                         overrides, config)
+    print(f"teacher: {result['train_seconds']} s, best validation WER {result['best_val_wer']}")
+    for row in result.get("val_history", []):
+        print(f"  step {row['step']}: val WER {100 * row['val_wer']:.1f} %, "
+              f"val loss {row['val_loss']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
