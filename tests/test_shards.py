@@ -17,7 +17,13 @@ import soundfile as sf
 import torch
 
 from asrkd.data.audio_processing import load_audio
-from asrkd.data.dataset import ManifestDataset, ManifestError, read_manifest, utterance_key
+from asrkd.data.dataset import (
+    ManifestDataset,
+    ManifestError,
+    collate_batch,
+    read_manifest,
+    utterance_key,
+)
 from asrkd.data.shards import (
     BatchingConfig,
     Shard,
@@ -62,6 +68,23 @@ def test_shards_read_back_the_manifests_audio_text_and_keys(tiny_corpus, shards)
     assert sorted(seen) == sorted(by_key)
     assert len(read_index(shards)) > 4  # 4 s shards
     assert sorted(shard_texts(shards)) == sorted(e.text for e in dataset.entries)
+
+
+def test_shard_batches_equal_the_manifest_batches_of_the_same_utterances(tiny_corpus, shards):
+    """What the model is trained on from shards is tensor for tensor what the manifest dataset
+    gives for the same utterances (docs/scale.md: the shard reader is not what trains worse)."""
+    tokenizer = CharTokenizer.english()
+    dataset = ManifestDataset(tiny_corpus / "train.jsonl", tokenizer=tokenizer)
+    by_key = {utterance_key(e): i for i, e in enumerate(dataset.entries)}
+    reader = ShardDataset(shards, tokenizer, BatchingConfig(max_batch_seconds=6.0),
+                          rank=0, world_size=1)
+    batches = list(ShardLoader(reader, progress=None))
+    assert len(batches) > 2
+    for batch in batches:
+        expected = collate_batch([dataset[by_key[key]] for key in batch["keys"]])
+        for name in ("audio", "audio_lengths", "targets", "target_lengths"):
+            assert torch.equal(batch[name], expected[name]), name
+        assert batch["texts"] == expected["texts"]
 
 
 def test_shards_are_byte_identical_for_the_same_manifest(tiny_corpus, tmp_path):
