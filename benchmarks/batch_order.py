@@ -13,7 +13,8 @@ Batches, one of:
   recipe's seed), optionally shortest-first in the first epoch (``--short-first``);
 - ``--shards DIR``: read from the shards, their epoch plan drawn with ``--order-seed``;
 - ``--plan-from DIR``: the shards' epoch plan, but each utterance read from its file through the
-  manifest's dataset, to tell the plan's effect from the shard reader's.
+  manifest's dataset, to tell the plan's effect from the shard reader's (``--shuffle-plan``:
+  each epoch's batches in a random order instead of the order they completed).
 
 Extra ``key=value`` overrides follow the recipe's (run ``bash recipes/an4/run.sh`` or
 ``recipes/an4/prepare.py`` first for exp/an4/manifests). Writes ``<exp>/teacher`` as
@@ -23,6 +24,7 @@ Extra ``key=value`` overrides follow the recipe's (run ``bash recipes/an4/run.sh
 from __future__ import annotations
 
 import argparse
+import random
 import sys
 from pathlib import Path
 
@@ -41,9 +43,11 @@ from asrkd.recipe import train_stage  # noqa: E402
 EPOCHS_PLANNED = 200  # epochs of plan laid out for --plan-from (one loader "epoch")
 
 
-def plan_from_files(module: dm.ASRDataModule, directory: Path, seed: int) -> DataLoader:
+def plan_from_files(module: dm.ASRDataModule, directory: Path, seed: int,
+                    shuffle: bool = False) -> DataLoader:
     """The shards' epoch plans (epochs 0 .. EPOCHS_PLANNED - 1, one after the other) as batches
-    of manifest indices, read from the files by the manifest's dataset."""
+    of manifest indices, read from the files by the manifest's dataset; with ``shuffle`` each
+    epoch's batches in a random order (the same batches, not in the order they completed)."""
     hp = module.hparams
     factors = tuple(hp.speed_factors)
     batching = sh.BatchingConfig(
@@ -61,7 +65,10 @@ def plan_from_files(module: dm.ASRDataModule, directory: Path, seed: int) -> Dat
     batches = []
     for epoch in range(EPOCHS_PLANNED):
         reader.epoch = epoch
-        batches += [[(of_uid[uid], epoch) for uid in batch] for batch in reader.plan()[1][0]]
+        epoch_batches = [[(of_uid[uid], epoch) for uid in batch] for batch in reader.plan()[1][0]]
+        if shuffle:
+            random.Random(f"{seed}:{epoch}:order").shuffle(epoch_batches)
+        batches += epoch_batches
     return DataLoader(dataset, batch_sampler=batches, collate_fn=collate_batch)
 
 
@@ -74,6 +81,8 @@ def main() -> None:
     group.add_argument("--shards", type=Path)
     group.add_argument("--plan-from", type=Path)
     parser.add_argument("--short-first", action="store_true")
+    parser.add_argument("--shuffle-plan", action="store_true",
+                        help="with --plan-from: each epoch's batches in a random order")
     parser.add_argument("--manifests", type=Path, default=ROOT / "exp" / "an4" / "manifests")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_intermixed_args()
@@ -105,7 +114,7 @@ def main() -> None:
         def train_from_plan(self, split: str) -> DataLoader:  # noqa: ANN001
             if split != "train":
                 return loader(self, split)
-            return plan_from_files(self, directory, plan_seed)
+            return plan_from_files(self, directory, plan_seed, args.shuffle_plan)
         dm.ASRDataModule._loader = train_from_plan
 
     config = ROOT / "src" / "asrkd" / "configs" / "presets" / "teacher.yaml"
