@@ -49,16 +49,10 @@ def plan_from_files(module: dm.ASRDataModule, directory: Path, seed: int,
     of manifest indices, read from the files by the manifest's dataset; with ``shuffle`` each
     epoch's batches in a random order (the same batches, not in the order they completed)."""
     hp = module.hparams
-    factors = tuple(hp.speed_factors)
-    batching = sh.BatchingConfig(
-        max_batch_seconds=hp.max_batch_seconds, max_batch_size=hp.max_batch_size,
-        buffer_size=hp.shuffle_buffer, num_buckets=hp.num_buckets,
-        min_duration=hp.min_duration, max_duration=hp.max_duration,
-        duration_scale=1.0 / min(factors) if factors else 1.0,
-        duration_extra=hp.edge_noise_seconds)
-    reader = sh.ShardDataset(directory, None, batching, seed=seed, rank=0, world_size=1)
+    reader = sh.ShardDataset(directory, None, module.shard_batching(), seed=seed, rank=0,
+                             world_size=1)
     dataset = ManifestDataset(hp.train_manifest, tokenizer=module.tokenizer,
-                              speed_factors=factors, seed=hp.seed)
+                              speed_factors=tuple(hp.speed_factors), seed=hp.seed)
     index = {str(Path(e.audio_filepath).resolve()): i for i, e in enumerate(dataset.entries)}
     of_uid = {(n, position): index[meta["key"]] for n, shard in enumerate(reader.shards)
               for position, meta, _, _ in sh.iter_shard(shard.path)}

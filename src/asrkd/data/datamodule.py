@@ -227,6 +227,18 @@ class ASRDataModule(L.LightningDataModule):
             )
         return self.datasets[split]
 
+    def shard_batching(self) -> BatchingConfig:
+        """How training batches are planned from shards, from this module's settings."""
+        hp = self.hparams
+        factors = tuple(hp.speed_factors)
+        return BatchingConfig(
+            max_batch_seconds=hp.max_batch_seconds, max_batch_size=hp.max_batch_size,
+            shuffle=True, buffer_size=hp.shuffle_buffer, num_buckets=hp.num_buckets,
+            min_duration=hp.min_duration, max_duration=hp.max_duration,
+            # Budget as the manifest loader does: the slowest speed copy, two edge-noise draws.
+            duration_scale=1.0 / min(factors) if factors else 1.0,
+            duration_extra=hp.edge_noise_seconds)
+
     def _shard_loader(self) -> ShardLoader:
         """Training batches streamed from ``train_shards`` (see :mod:`asrkd.data.shards`)."""
         hp = self.hparams
@@ -238,16 +250,9 @@ class ASRDataModule(L.LightningDataModule):
             # memory before its first batch; a stream cannot do that.
             raise ConfigError("data.short_first orders a whole epoch by length; with "
                               "data.train_shards set it to false (shards are read as a stream)")
-        factors = tuple(hp.speed_factors)
-        batching = BatchingConfig(
-            max_batch_seconds=hp.max_batch_seconds, max_batch_size=hp.max_batch_size,
-            shuffle=True, buffer_size=hp.shuffle_buffer, num_buckets=hp.num_buckets,
-            min_duration=hp.min_duration, max_duration=hp.max_duration,
-            # Budget as the manifest loader does: the slowest speed copy, two edge-noise draws.
-            duration_scale=1.0 / min(factors) if factors else 1.0,
-            duration_extra=hp.edge_noise_seconds)
-        dataset = ShardDataset(hp.train_shards, self.tokenizer, batching, hp.num_workers,
-                               speed_factors=factors, edge_noise_seconds=hp.edge_noise_seconds,
+        dataset = ShardDataset(hp.train_shards, self.tokenizer, self.shard_batching(),
+                               hp.num_workers, speed_factors=tuple(hp.speed_factors),
+                               edge_noise_seconds=hp.edge_noise_seconds,
                                seed=hp.seed, strict=hp.strict, teacher=self.teacher_shards)
         # Lightning warns that an IterableDataset's __len__ may be wrong with several workers;
         # this one's is exact (every worker yields the planned number of batches).

@@ -264,12 +264,15 @@ def _bucket_batches(stream: Iterator[tuple[tuple[int, int], float]], edges: list
     buckets: list[list[tuple[tuple[int, int], float]]] = [[] for _ in range(len(edges) + 1)]
     batches: list[Batch] = []
 
+    def full(longest: float, count: int) -> bool:
+        """A batch of ``count`` utterances cannot take one more with ``longest`` the longest."""
+        return longest * (count + 1) > config.max_batch_seconds or (
+            config.max_batch_size is not None and count >= config.max_batch_size)
+
     def place(item: tuple[tuple[int, int], float]) -> None:
         bucket = buckets[bisect.bisect_left(edges, item[1])]
         longest = max([item[1]] + [d for _, d in bucket])
-        full = longest * (len(bucket) + 1) > config.max_batch_seconds or (
-            config.max_batch_size is not None and len(bucket) >= config.max_batch_size)
-        if bucket and full:
+        if bucket and full(longest, len(bucket)):
             batches.append([i for i, _ in bucket])
             bucket.clear()
         bucket.append(item)
@@ -290,10 +293,8 @@ def _bucket_batches(stream: Iterator[tuple[tuple[int, int], float]], edges: list
     # instead of one small batch per bucket (on AN4, 9 of 53 batches held 1-10 utterances).
     leftovers = sorted((item for bucket in buckets for item in bucket), key=lambda x: x[1])
     batch: list[tuple[tuple[int, int], float]] = []
-    for item in leftovers:
-        full = item[1] * (len(batch) + 1) > config.max_batch_seconds or (
-            config.max_batch_size is not None and len(batch) >= config.max_batch_size)
-        if batch and full:
+    for item in leftovers:  # ascending: the item is the longest
+        if batch and full(item[1], len(batch)):
             batches.append([i for i, _ in batch])
             batch = []
         batch.append(item)
