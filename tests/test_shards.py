@@ -17,6 +17,7 @@ import soundfile as sf
 import torch
 
 from asrkd.data.audio_processing import load_audio
+from asrkd.data.datamodule import DurationBatchSampler
 from asrkd.data.dataset import (
     ManifestDataset,
     ManifestError,
@@ -132,6 +133,26 @@ def test_epoch_plan_every_utterance_once_equal_batches_within_budget(slots):
     # A pure function of its arguments (every rank computes the same), new per epoch.
     assert plan_epoch(shards, slots, 3, 7, config) == (assigned, batches)
     assert plan_epoch(shards, slots, 4, 7, config)[1] != batches
+
+
+def test_a_corpus_within_one_window_is_batched_as_from_its_manifest():
+    # The same utterances in the same batches as the manifest sampler's (sorted chunks), only
+    # the batch order differs: a model trained from shards sees what it would from files.
+    shards = _fake_shards([40, 55, 13, 70])
+    config = BatchingConfig(max_batch_seconds=20.0, max_batch_size=6, buffer_size=200)
+    ids = [(n, p) for n, s in enumerate(shards) for p in range(len(s.durations))]
+    sampler = DurationBatchSampler([shards[n].durations[p] for n, p in ids], 20.0, 6)
+    from_files = {frozenset(ids[i] for i in batch) for batch in sampler}
+    for epoch in range(2):
+        batches = plan_epoch(shards, 1, epoch, 0, config)[1][0]
+        assert {frozenset(batch) for batch in batches} == from_files
+    # A smaller window: each of its batches from one window of the stream, sorted and cut.
+    small = BatchingConfig(max_batch_seconds=20.0, max_batch_size=6, buffer_size=30)
+    assigned, batches = plan_epoch(shards, 1, 0, 0, small)
+    stream = [(n, p) for n in assigned[0] for p in range(len(shards[n].durations))]
+    window_of = {uid: i // 30 for i, uid in enumerate(stream)}
+    assert all(len({window_of[uid] for uid in batch}) == 1 for batch in batches[0])
+    assert len(batches[0]) == len({frozenset(b) for b in batches[0]})
 
 
 def test_epoch_plan_filters_durations_and_refuses_too_few_shards():

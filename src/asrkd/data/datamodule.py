@@ -195,7 +195,6 @@ class ASRDataModule(L.LightningDataModule):
         short_first: bool = False,
         train_shards: str | None = None,
         shuffle_buffer: int = 1000,
-        num_buckets: int = 30,
         teacher_shards: object | None = None,
     ) -> None:
         super().__init__()
@@ -233,7 +232,7 @@ class ASRDataModule(L.LightningDataModule):
         factors = tuple(hp.speed_factors)
         return BatchingConfig(
             max_batch_seconds=hp.max_batch_seconds, max_batch_size=hp.max_batch_size,
-            shuffle=True, buffer_size=hp.shuffle_buffer, num_buckets=hp.num_buckets,
+            shuffle=True, buffer_size=hp.shuffle_buffer,
             min_duration=hp.min_duration, max_duration=hp.max_duration,
             # Budget as the manifest loader does: the slowest speed copy, two edge-noise draws.
             duration_scale=1.0 / min(factors) if factors else 1.0,

@@ -77,7 +77,6 @@ class DataConfig:
     # through a buffer of this many utterances, batched by dynamic duration bucketing.
     train_shards: str | None = None
     shuffle_buffer: int = 1000
-    num_buckets: int = 30
 
 
 @dataclass(frozen=True)
@@ -302,7 +301,6 @@ def train(config: RunConfig, resume: bool = False) -> dict:
         short_first=data.short_first,
         train_shards=_resolve(data.train_shards),
         shuffle_buffer=data.shuffle_buffer,
-        num_buckets=data.num_buckets,
         teacher_shards=_sharded_teacher(training, data),
     )
     datamodule.attach_tokenizer(tokenizer)
