@@ -449,15 +449,34 @@ def test_training_from_shards_reshuffles_every_epoch(tmp_path, tiny_corpus, shar
     assert seen[0] != seen[1]
 
 
-@pytest.mark.parametrize("option", ["data.concat_prob=0.5", "data.short_first=true"])
-def test_options_a_stream_cannot_honour_are_refused(tmp_path, tiny_corpus, shards, option):
-    """Joining random utterances and a length-sorted first epoch need random access to the
-    whole epoch: with shards they are refused by name, never silently ignored."""
+def test_concat_prob_is_refused_with_shards(tmp_path, tiny_corpus, shards):
+    """Joining random utterances needs random access to the whole epoch: with shards it is
+    refused by name, never silently ignored."""
     from asrkd.errors import ConfigError
     from asrkd.training.pipeline import load_run_config, train
     from resume_child import overrides
 
     run = overrides(tiny_corpus, tmp_path / "run", steps=1) + [
-        f"data.train_shards={shards}", option]
-    with pytest.raises(ConfigError, match=option.split("=")[0].replace(".", r"\.")):
+        f"data.train_shards={shards}", "data.concat_prob=0.5"]
+    with pytest.raises(ConfigError, match=r"data\.concat_prob"):
         train(load_run_config(overrides=run))
+
+
+def test_short_first_sorts_each_window_of_the_first_epoch():
+    shards = _fake_shards([40, 55, 13, 70])
+    config = BatchingConfig(max_batch_seconds=20.0, max_batch_size=6, buffer_size=50,
+                            short_first=True)
+
+    def longest(batches: list) -> list[float]:
+        return [max(shards[n].durations[p] for n, p in batch) for batch in batches]
+
+    assigned, batches = plan_epoch(shards, 1, 0, 0, config)
+    stream = [(n, p) for n in assigned[0] for p in range(len(shards[n].durations))]
+    window_of = {uid: i // 50 for i, uid in enumerate(stream)}
+    windows = [window_of[batch[0]] for batch in batches[0]]
+    assert windows == sorted(windows)  # windows in stream order, each ascending
+    for w in set(windows):
+        mine = [b for b, i in zip(batches[0], windows) if i == w]
+        assert longest(mine) == sorted(longest(mine))
+    later = longest(plan_epoch(shards, 1, 1, 0, config)[1][0])
+    assert later != sorted(later)  # shuffled from the second epoch on

@@ -232,7 +232,7 @@ class ASRDataModule(L.LightningDataModule):
         factors = tuple(hp.speed_factors)
         return BatchingConfig(
             max_batch_seconds=hp.max_batch_seconds, max_batch_size=hp.max_batch_size,
-            shuffle=True, buffer_size=hp.shuffle_buffer,
+            shuffle=True, buffer_size=hp.shuffle_buffer, short_first=hp.short_first,
             min_duration=hp.min_duration, max_duration=hp.max_duration,
             # Budget as the manifest loader does: the slowest speed copy, two edge-noise draws.
             duration_scale=1.0 / min(factors) if factors else 1.0,
@@ -244,11 +244,6 @@ class ASRDataModule(L.LightningDataModule):
         if hp.concat_prob:
             raise ConfigError("data.concat_prob joins random utterances of a manifest; with "
                               "data.train_shards set it to 0 (shards are read as a stream)")
-        if hp.short_first:
-            # Sorting the first epoch by length would need every shard of a slot held in
-            # memory before its first batch; a stream cannot do that.
-            raise ConfigError("data.short_first orders a whole epoch by length; with "
-                              "data.train_shards set it to false (shards are read as a stream)")
         dataset = ShardDataset(hp.train_shards, self.tokenizer, self.shard_batching(),
                                hp.num_workers, speed_factors=tuple(hp.speed_factors),
                                edge_noise_seconds=hp.edge_noise_seconds,

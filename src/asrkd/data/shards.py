@@ -222,6 +222,9 @@ class BatchingConfig:
         shuffle: shuffle shards and utterances per epoch (training); else index order.
         buffer_size: utterances per batching window (sorted by duration, then cut into
             batches); the reader holds at most this many encoded utterances.
+        short_first: in epoch 0 each window's batches go from the shortest utterances to the
+            longest instead of shuffled (the manifest sampler's curriculum, per window: a
+            stream cannot sort a whole epoch; for a corpus within one window the same).
         min_duration, max_duration: utterances outside are left out (never decoded).
         duration_scale, duration_extra: a planned duration is ``d * scale + extra`` (room for
             speed perturbation and edge noise, as the manifest loader budgets).
@@ -231,6 +234,7 @@ class BatchingConfig:
     max_batch_size: int | None = 64
     shuffle: bool = True
     buffer_size: int = 1000
+    short_first: bool = False
     min_duration: float | None = None
     max_duration: float | None = None
     duration_scale: float = 1.0
@@ -254,11 +258,12 @@ def _slot_shards(shards: Sequence[Shard], slots: int, rng: random.Random | None
 
 
 def _window_batches(items: list[tuple[tuple[int, int], float]], config: BatchingConfig,
-                    rng: random.Random | None) -> list[Batch]:
+                    rng: random.Random | None, ascending: bool = False) -> list[Batch]:
     """A slot's (id, duration) items, in the order it reads them, cut into batches one window of
     ``buffer_size`` items at a time: the window sorted by duration and cut in that order into
     batches that fill the budget, so a batch holds utterances of nearly equal length; with
-    ``rng`` (training) ties are broken at random and the window's batches shuffled. This is
+    ``rng`` (training) ties are broken at random and the window's batches shuffled, or with
+    ``ascending`` left shortest first. This is
     the manifest sampler's sorted chunk (:class:`~asrkd.data.datamodule.DurationBatchSampler`):
     a corpus within one window and one chunk gets the same batches from both. A window's batches are
     complete once its last item is read, so the reader holds at most a window of encoded
@@ -288,7 +293,7 @@ def _window_batches(items: list[tuple[tuple[int, int], float]], config: Batching
                 batch = []
             batch.append(uid)
         cut.append(batch)
-        if rng is not None:
+        if rng is not None and not ascending:
             rng.shuffle(cut)
         batches += cut
     return batches
@@ -344,7 +349,7 @@ def plan_epoch(shards: Sequence[Shard], slots: int, epoch: int, seed: int,
         items = [((n, p), planned(d)) for n in numbers
                  for p, d in enumerate(shards[n].durations) if usable(d)]
         rng = random.Random(f"{seed}:{epoch}:{slot}") if shuffle else None
-        per_slot.append(_window_batches(items, config, rng))
+        per_slot.append(_window_batches(items, config, rng, config.short_first and epoch == 0))
     count = max(len(b) for b in per_slot)
     return assigned, [_equalise(b, count, s) for s, b in enumerate(per_slot)]
 
