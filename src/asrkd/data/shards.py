@@ -261,11 +261,11 @@ def _window_batches(items: list[tuple[tuple[int, int], float]], config: Batching
                     rng: random.Random | None, ascending: bool = False) -> list[Batch]:
     """A slot's (id, duration) items, in the order it reads them, cut into batches one window of
     ``buffer_size`` items at a time: the window sorted by duration and cut in that order into
-    batches that fill the budget, so a batch holds utterances of nearly equal length; with
-    ``rng`` (training) ties are broken at random and the window's batches shuffled, or with
-    ``ascending`` left shortest first. This is
-    the manifest sampler's sorted chunk (:class:`~asrkd.data.datamodule.DurationBatchSampler`):
-    a corpus within one window and one chunk gets the same batches from both. A window's batches are
+    batches that fill the budget, so a batch holds utterances of nearly equal length. With
+    ``rng`` (training) ties are broken at random and the window's batches shuffled, unless
+    ``ascending`` (the short-first curriculum) leaves them shortest first. This is the manifest
+    sampler's sorted chunk (:class:`~asrkd.data.datamodule.DurationBatchSampler`): a corpus
+    within one window and one chunk gets the same batches from both. A window's batches are
     complete once its last item is read, so the reader holds at most a window of encoded
     utterances.
 
