@@ -106,7 +106,7 @@ def write_shards(manifest: str | Path, out_dir: str | Path, shard_seconds: float
     audio each under ``out_dir``, with ``index.json``.
 
     ``shuffle`` (seeded) mixes the utterances before packing, so that a shard holds many
-    speakers: a shuffle buffer mixes only what it holds, and consecutive manifest lines are
+    speakers: a batching window mixes only what it holds, and consecutive manifest lines are
     often one speaker. Returns the index's summary (shards, utterances, hours, bytes).
     """
     if not shard_seconds > 0:
@@ -457,7 +457,7 @@ class ShardDataset(IterableDataset):
             for position, meta, data, name in iter_shard(shard.path):
                 if (number, position) not in wanted:
                     continue
-                # Held encoded until its batch is complete: the shuffle buffer costs the
+                # Held encoded until its batch is complete: the batching window costs the
                 # compressed bytes, not float32 waveforms.
                 loaded[number, position] = (meta, data, name, teacher)
                 while next_batch < len(batches) and all(
