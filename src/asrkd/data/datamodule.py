@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 import asrkd.utils.dist as ddp
-from asrkd.data.dataset import ManifestDataset, collate_batch
+from asrkd.data.dataset import ManifestDataset, collate_batch, duration_batches
 from asrkd.data.shards import BatchingConfig, ShardDataset, ShardLoader
 from asrkd.data.tokenizer import Tokenizer
 from asrkd.errors import ConfigError
@@ -112,20 +112,10 @@ class DurationBatchSampler(Sampler[list[int]]):
         chunk = max(1, self.bucket_size * 16)
         batches: list[list[int]] = []
         for start in range(0, len(order), chunk):
-            part = sorted(order[start : start + chunk], key=lambda i: self.durations[i])
-            batch: list[int] = []
-            longest = 0.0
-            for index in part:
-                candidate_longest = max(longest, self.durations[index])
-                too_long = candidate_longest * (len(batch) + 1) > self.max_batch_seconds
-                too_many = self.max_batch_size is not None and len(batch) >= self.max_batch_size
-                if batch and (too_long or too_many):
-                    batches.append(batch)
-                    batch, candidate_longest = [], self.durations[index]
-                batch.append(index)
-                longest = candidate_longest
-            if batch:
-                batches.append(batch)
+            part = order[start : start + chunk]
+            cut = duration_batches([self.durations[i] for i in part], self.max_batch_seconds,
+                                   self.max_batch_size)
+            batches += [[part[j] for j in batch] for batch in cut]
         if self.short_first and self.epoch == 0:
             batches.sort(key=lambda b: max(self.durations[i] for i in b))
         elif self.shuffle:

@@ -475,16 +475,20 @@ def add_edge_noise(audio: np.ndarray, max_seconds: float, sample_rate: int,
         (noise.standard_normal(after) * floor).astype(np.float32)])
 
 
-def duration_batches(entries: list[ManifestEntry] | list[float], batch_seconds: float
-                     ) -> list[list[int]]:
-    """Indices of ``entries`` (or of durations in seconds) grouped by ascending duration so
-    that padded audio stays under batch_seconds."""
+def duration_batches(entries: list[ManifestEntry] | list[float], batch_seconds: float,
+                     max_batch_size: int | None = None) -> list[list[int]]:
+    """Indices of ``entries`` (or of durations in seconds) sorted by duration (stable: equal
+    durations keep their order) and cut in that order into batches whose padded audio
+    (longest x count) stays under ``batch_seconds`` and, when given, whose size stays at most
+    ``max_batch_size``."""
     durations = [e if isinstance(e, (int, float)) else e.duration for e in entries]
     order = sorted(range(len(durations)), key=durations.__getitem__)
     batches: list[list[int]] = []
     batch: list[int] = []
-    for index in order:
-        if batch and durations[index] * (len(batch) + 1) > batch_seconds:
+    for index in order:  # ascending: the utterance is the batch's longest
+        too_long = durations[index] * (len(batch) + 1) > batch_seconds
+        too_many = max_batch_size is not None and len(batch) >= max_batch_size
+        if batch and (too_long or too_many):
             batches.append(batch)
             batch = []
         batch.append(index)

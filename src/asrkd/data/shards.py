@@ -43,7 +43,14 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 import asrkd.utils.dist as ddp
 from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, decode_audio
-from asrkd.data.dataset import ManifestEntry, collate_batch, make_item, read_manifest, utterance_key
+from asrkd.data.dataset import (
+    ManifestEntry,
+    collate_batch,
+    duration_batches,
+    make_item,
+    read_manifest,
+    utterance_key,
+)
 from asrkd.data.tokenizer import Tokenizer
 from asrkd.errors import ConfigError, UserError
 from asrkd.utils.io import atomic_write_text
@@ -273,26 +280,15 @@ def _window_batches(items: list[tuple[tuple[int, int], float]], config: Batching
     which this replaced): a batch spreads over its bucket's whole duration range, so on AN4
     (10 buckets) padding added 9.4 % to a batch's audio, against 2.3 % here and 3.7 % for the
     manifest sampler, and shards and manifest trained on different batches."""
-    def full(longest: float, count: int) -> bool:
-        """A batch of ``count`` utterances cannot take one more with ``longest`` the longest."""
-        return longest * (count + 1) > config.max_batch_seconds or (
-            config.max_batch_size is not None and count >= config.max_batch_size)
-
     batches: list[Batch] = []
     size = max(1, config.buffer_size)
     for start in range(0, len(items), size):
         window = items[start:start + size]
         if rng is not None:
             rng.shuffle(window)  # random ties; the sort is stable
-        window.sort(key=lambda item: item[1])
-        cut: list[Batch] = []
-        batch: Batch = []
-        for uid, duration in window:  # ascending: the item is the longest
-            if batch and full(duration, len(batch)):
-                cut.append(batch)
-                batch = []
-            batch.append(uid)
-        cut.append(batch)
+        cut = [[window[j][0] for j in batch] for batch in duration_batches(
+            [duration for _, duration in window], config.max_batch_seconds,
+            config.max_batch_size)]
         if rng is not None and not ascending:
             rng.shuffle(cut)
         batches += cut
