@@ -135,6 +135,12 @@ def test_epoch_plan_every_utterance_once_equal_batches_within_budget(slots):
     assert plan_epoch(shards, slots, 4, 7, config)[1] != batches
 
 
+def _windows(shards: list[Shard], numbers: list[int], size: int) -> dict[tuple[int, int], int]:
+    """Which batching window each utterance of a slot reading shards ``numbers`` falls in."""
+    stream = [(n, p) for n in numbers for p in range(len(shards[n].durations))]
+    return {uid: i // size for i, uid in enumerate(stream)}
+
+
 def test_a_corpus_within_one_window_is_batched_as_from_its_manifest():
     # The same utterances in the same batches as the manifest sampler's (sorted chunks), only
     # the batch order differs: a model trained from shards sees what it would from files.
@@ -149,8 +155,7 @@ def test_a_corpus_within_one_window_is_batched_as_from_its_manifest():
     # A smaller window: each of its batches from one window of the stream, sorted and cut.
     small = BatchingConfig(max_batch_seconds=20.0, max_batch_size=6, buffer_size=30)
     assigned, batches = plan_epoch(shards, 1, 0, 0, small)
-    stream = [(n, p) for n in assigned[0] for p in range(len(shards[n].durations))]
-    window_of = {uid: i // 30 for i, uid in enumerate(stream)}
+    window_of = _windows(shards, assigned[0], 30)
     assert all(len({window_of[uid] for uid in batch}) == 1 for batch in batches[0])
     assert len(batches[0]) == len({frozenset(b) for b in batches[0]})
 
@@ -471,8 +476,7 @@ def test_short_first_sorts_each_window_of_the_first_epoch():
         return [max(shards[n].durations[p] for n, p in batch) for batch in batches]
 
     assigned, batches = plan_epoch(shards, 1, 0, 0, config)
-    stream = [(n, p) for n in assigned[0] for p in range(len(shards[n].durations))]
-    window_of = {uid: i // 50 for i, uid in enumerate(stream)}
+    window_of = _windows(shards, assigned[0], 50)
     windows = [window_of[batch[0]] for batch in batches[0]]
     assert windows == sorted(windows)  # windows in stream order, each ascending
     for w in set(windows):
