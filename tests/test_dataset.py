@@ -103,6 +103,76 @@ def test_short_first_curriculum_orders_only_the_first_epoch():
     assert later != sorted(later)  # shuffled again from the second epoch
 
 
+def test_neighbouring_seeds_do_not_share_epochs():
+    # Random(seed + epoch) gave seed 1's epoch e the order of seed 0's epoch e + 1.
+    durations = np.random.default_rng(0).uniform(1, 8, size=300).tolist()
+    zero, one = (DurationBatchSampler(durations, 40, seed=s) for s in (0, 1))
+    for epoch in range(3):
+        zero.set_epoch(epoch + 1)
+        one.set_epoch(epoch)
+        assert list(zero) != list(one)
+
+
+def _epoch_batches_trained(callbacks: list) -> tuple[list[int], list[int]]:
+    """(batches each epoch's sampler yields, batches Lightning trained in that epoch)."""
+    import lightning as L
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Counter(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(1, 1)
+            self.trained: list[int] = []
+
+        def on_train_epoch_start(self) -> None:
+            self.trained.append(0)
+
+        def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
+            self.trained[-1] += 1
+            return self.layer(batch[0]).sum()
+
+        def configure_optimizers(self):  # noqa: ANN201
+            return torch.optim.SGD(self.parameters(), lr=0.0)
+
+    durations = np.random.default_rng(0).uniform(1, 8, size=200).tolist()
+    sampler = DurationBatchSampler(durations, 20, seed=0, bucket_size=1, short_first=True)
+    expected = []
+    for epoch in range(4):
+        sampler.set_epoch(epoch)
+        expected.append(len(list(sampler)))
+    assert len(set(expected)) > 1  # epochs of different lengths, or the test shows nothing
+    sampler.set_epoch(0)
+    loader = DataLoader(TensorDataset(torch.zeros(200, 1)), batch_sampler=sampler)
+    module = Counter()
+    L.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_checkpointing=False,
+              enable_progress_bar=False, enable_model_summary=False,
+              num_sanity_val_steps=0).fit(module, loader)
+    return expected, module.trained
+
+
+def test_every_epoch_trains_all_its_batches():
+    from asrkd.training.callbacks import EpochLength
+
+    expected, trained = _epoch_batches_trained([EpochLength()])
+    assert trained == expected
+    # Without it Lightning keeps the first epoch's count for every epoch.
+    expected, trained = _epoch_batches_trained([])
+    assert trained != expected
+
+
+def test_a_resumed_runs_train_loader_starts_at_the_resumed_epoch(manifest_dir):
+    # Lightning takes the epoch's length from the loader before it restores the loader's
+    # state; sized as epoch 0, a longer resumed epoch would be cut short.
+    from types import SimpleNamespace
+
+    module = ASRDataModule(train_manifest=str(manifest_dir / "good.jsonl"), max_batch_seconds=3.0)
+    module.attach_tokenizer(CharTokenizer.english())
+    progress = SimpleNamespace(current=SimpleNamespace(processed=3))
+    module.trainer = SimpleNamespace(fit_loop=SimpleNamespace(
+        epoch_progress=progress, epoch_loop=SimpleNamespace(batch_progress=progress)))
+    assert module.train_dataloader().batch_sampler.epoch == 3
+
+
 def test_datamodule_batches(manifest_dir):
     module = ASRDataModule(
         train_manifest=str(manifest_dir / "good.jsonl"),

@@ -104,7 +104,9 @@ class DurationBatchSampler(Sampler[list[int]]):
         self._resume_skip = batches_done
 
     def _all_batches(self) -> list[list[int]]:
-        rng = random.Random(self.seed + self.epoch)
+        # A string seed: seed + epoch would give seeds s and s + 1 the same order in every
+        # epoch but one (the shard plans seed the same way).
+        rng = random.Random(f"{self.seed}:{self.epoch}")
         order = list(self.usable)
         if self.shuffle:
             rng.shuffle(order)
@@ -273,6 +275,10 @@ class ASRDataModule(L.LightningDataModule):
                                       or dataset.concat_prob),
             short_first=train and self.hparams.short_first,
         )
+        if train and self.trainer is not None:
+            # A resumed run: Lightning sizes the epoch from len(loader) before it hands the
+            # loader its state, so the sampler must already be at the epoch being resumed.
+            sampler.set_epoch(self._train_progress()[0])
         workers = self.hparams.num_workers
         kwargs = {
             "batch_sampler": sampler,

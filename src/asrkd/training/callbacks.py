@@ -10,6 +10,7 @@ import time
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.utilities.data import sized_len
 from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
@@ -56,6 +57,33 @@ class RNGState(L.Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict) -> None:  # noqa: ANN001
         if "asrkd_rng" in checkpoint:  # written by asrkd before the state lived here
             set_rng_state(checkpoint["asrkd_rng"])
+
+
+class EpochLength(L.Callback):
+    """Re-reads the number of training batches at the start of every epoch.
+
+    Lightning reads the train loader's length once per fit and caps every epoch at it (the
+    combined loader's ``limits``), but a duration-batched epoch has its own number of batches
+    (each epoch cuts its own sorted chunks; a short-first epoch 0 differs from the shuffled
+    ones). Without this an epoch longer than the first is cut short, its last batches never
+    trained (AN4: 829 of 850 utterances in epoch 1), and with epoch-based validation a shorter
+    epoch skips its validation. Lightning has no public hook for it: the limits live on
+    ``fit_loop._combined_loader`` (pinned Lightning; ``test_every_epoch_trains_all_its_batches``
+    fails if that moves).
+    """
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        loader = getattr(trainer.fit_loop, "_combined_loader", None)
+        limit = trainer.limit_train_batches
+        if loader is None or not (isinstance(limit, int) or limit == 1.0):
+            return  # a fractional limit: Lightning's own count
+        if len(loader.flattened) != 1 or (length := sized_len(loader.flattened[0])) is None:
+            return  # several loaders (their combination is Lightning's), or unsized data
+        batches = min(length, limit) if isinstance(limit, int) else length
+        loader.limits = [batches]  # read by the epoch's iterator, created after this hook
+        trainer.fit_loop.max_batches = batches
+        if isinstance(trainer.val_check_interval, float) and trainer.val_check_batch is not None:
+            trainer.val_check_batch = max(1, int(batches * trainer.val_check_interval))
 
 
 class NonFiniteGuard(L.Callback):

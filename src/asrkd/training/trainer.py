@@ -11,6 +11,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 
 from asrkd.config import ConfigError, unknown_key_error
 from asrkd.training.callbacks import (
+    EpochLength,
     ImpossibleCTCCounter,
     NonFiniteGuard,
     PlainProgress,
@@ -123,6 +124,7 @@ def build_trainer(
         "guard": NonFiniteGuard(max_bad_batches_in_a_row),
         "rng": RNGState(),
         "impossible_ctc": ImpossibleCTCCounter(),
+        "epoch_length": EpochLength(),
     }
     callbacks: list[L.Callback] = [*named.values(), LearningRateMonitor("step")]
     if regularization_warmup_steps > 0:
