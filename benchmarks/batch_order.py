@@ -10,7 +10,9 @@ else stay the recipe's).
 
 Batches, one of:
 - the manifest's sampler (`DurationBatchSampler`) shuffled with ``--order-seed`` (default: the
-  recipe's seed), optionally shortest-first in the first epoch (``--short-first``);
+  recipe's seed), shortest-first in the first epoch unless ``--no-short-first`` (the
+  ``data.short_first`` default since 2026-12-07; the runs without it in docs/scale.md are
+  ``--no-short-first``, with the sampler's seeds derived as ``seed + epoch`` then);
 - ``--shards DIR``: read from the shards, their epoch plan drawn with ``--order-seed``;
 - ``--plan-from DIR``: the shards' epoch plan, but each utterance read from its file through the
   manifest's dataset, to tell the plan's effect from the shard reader's (``--shuffle-plan``:
@@ -74,7 +76,8 @@ def main() -> None:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--shards", type=Path)
     group.add_argument("--plan-from", type=Path)
-    parser.add_argument("--short-first", action="store_true")
+    parser.add_argument("--short-first", action=argparse.BooleanOptionalAction, default=True,
+                        help="shortest-first first epoch (data.short_first; default: %(default)s)")
     parser.add_argument("--shuffle-plan", action="store_true",
                         help="with --plan-from: each epoch's batches in a random order")
     parser.add_argument("--manifests", type=Path, default=ROOT / "exp" / "an4" / "manifests")
@@ -84,8 +87,7 @@ def main() -> None:
     overrides = list(OVERRIDES) + args.overrides
     if args.shards is not None:
         overrides.append(f"data.train_shards={args.shards}")
-    if args.short_first:
-        overrides.append("data.short_first=true")
+    overrides.append(f"data.short_first={str(args.short_first).lower()}")
     seed = args.order_seed
 
     if seed is not None and args.plan_from is None:

@@ -184,7 +184,7 @@ class ASRDataModule(L.LightningDataModule):
         edge_noise_seconds: float = 0.0,
         concat_prob: float = 0.0,
         seed: int = 0,
-        short_first: bool = False,
+        short_first: bool = True,
         train_shards: str | None = None,
         shuffle_buffer: int = 1000,
         teacher_shards: object | None = None,

@@ -72,7 +72,7 @@ class DataConfig:
     # Probability that a training item is joined with another random utterance (see
     # ManifestDataset): segments of long recordings hold several utterances.
     concat_prob: float = 0.0
-    short_first: bool = False  # first epoch from the shortest utterances to the longest
+    short_first: bool = True  # first epoch from the shortest utterances to the longest
     # Train from tar shards (`asrkd shard`) instead of train_manifest: streamed, shuffled
     # through a buffer of this many utterances, batched by dynamic duration bucketing.
     train_shards: str | None = None
