@@ -113,8 +113,9 @@ def test_neighbouring_seeds_do_not_share_epochs():
         assert list(zero) != list(one)
 
 
-def _epoch_batches_trained(callbacks: list) -> tuple[list[int], list[int]]:
-    """(batches each epoch's sampler yields, batches Lightning trained in that epoch)."""
+def _epoch_batches_trained(callbacks: list) -> tuple[list[int], list[int], list[int]]:
+    """(batches each epoch's sampler yields, batches Lightning trained in that epoch, batches
+    of the epoch trained when its validation ran)."""
     import lightning as L
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -123,6 +124,7 @@ def _epoch_batches_trained(callbacks: list) -> tuple[list[int], list[int]]:
             super().__init__()
             self.layer = torch.nn.Linear(1, 1)
             self.trained: list[int] = []
+            self.validated_after: list[int] = []
 
         def on_train_epoch_start(self) -> None:
             self.trained.append(0)
@@ -130,6 +132,10 @@ def _epoch_batches_trained(callbacks: list) -> tuple[list[int], list[int]]:
         def training_step(self, batch, batch_idx):  # noqa: ANN001, ANN201
             self.trained[-1] += 1
             return self.layer(batch[0]).sum()
+
+        def validation_step(self, batch, batch_idx) -> None:  # noqa: ANN001
+            if batch_idx == 0:
+                self.validated_after.append(self.trained[-1])
 
         def configure_optimizers(self):  # noqa: ANN201
             return torch.optim.SGD(self.parameters(), lr=0.0)
@@ -144,19 +150,21 @@ def _epoch_batches_trained(callbacks: list) -> tuple[list[int], list[int]]:
     sampler.set_epoch(0)
     loader = DataLoader(TensorDataset(torch.zeros(200, 1)), batch_sampler=sampler)
     module = Counter()
+    # Validation once per epoch (Lightning's default val_check_interval=1.0).
     L.Trainer(max_epochs=4, callbacks=callbacks, logger=False, enable_checkpointing=False,
               enable_progress_bar=False, enable_model_summary=False,
-              num_sanity_val_steps=0).fit(module, loader)
-    return expected, module.trained
+              num_sanity_val_steps=0).fit(module, loader, loader)
+    return expected, module.trained, module.validated_after
 
 
 def test_every_epoch_trains_all_its_batches():
     from asrkd.training.callbacks import EpochLength
 
-    expected, trained = _epoch_batches_trained([EpochLength()])
+    expected, trained, validated_after = _epoch_batches_trained([EpochLength()])
     assert trained == expected
+    assert validated_after == expected  # at the end of each epoch, once
     # Without it Lightning keeps the first epoch's count for every epoch.
-    expected, trained = _epoch_batches_trained([])
+    expected, trained, _ = _epoch_batches_trained([])
     assert trained != expected
 
 
