@@ -73,8 +73,8 @@ class DataConfig:
     # ManifestDataset): segments of long recordings hold several utterances.
     concat_prob: float = 0.0
     short_first: bool = True  # first epoch from the shortest utterances to the longest
-    # Train from tar shards (`asrkd shard`) instead of train_manifest: streamed, shuffled
-    # through a buffer of this many utterances, batched by dynamic duration bucketing.
+    # Train from tar shards (`asrkd shard`) instead of train_manifest: streamed, and batched
+    # one window of shuffle_buffer utterances at a time (sorted by duration, cut, shuffled).
     train_shards: str | None = None
     shuffle_buffer: int = 1000
 
