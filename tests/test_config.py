@@ -48,3 +48,14 @@ def test_bf16_auto_precision_resolves_by_hardware(monkeypatch):
     assert trainer.resolve_precision("bf16-auto", "cpu") == "32-true"
     assert trainer.resolve_precision("16-mixed", "cpu") == "16-mixed"  # explicit values pass
     assert trainer.TRAINER_DEFAULTS["precision"] == "bf16-auto"
+
+
+@pytest.mark.parametrize("preset", ["student_cpu_streaming", "student_nemo", "student_cpu"])
+def test_the_base_config_keeps_each_presets_features(preset):
+    """The base model_config.yaml once set features (normalize: per_feature) for every preset,
+    which silently made the streaming preset's features need the whole utterance."""
+    from asrkd.models.presets import get_preset
+
+    config = load_run_config(overrides=[f"model_preset={preset}"]).model_config()
+    assert config.features == get_preset(preset).features
+    assert config.encoder == get_preset(preset).encoder
