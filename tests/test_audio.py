@@ -86,7 +86,7 @@ def test_exported_dft_conv_matches_stft(n_fft, monkeypatch):
 def test_per_utterance_reflect_padding_matches_definition(seed):
     """Both code paths (rows longer than the padding, and rows that reflect more than once)
     against the definition: reflect at the row's start and at its own end, zeros after."""
-    from asrkd.data.audio_processing import _reflect_pad_per_utterance
+    from asrkd.data.audio_processing import reflect_pad_per_utterance
 
     g = torch.Generator().manual_seed(seed)
     batch, samples = int(torch.randint(1, 5, (1,), generator=g)), int(
@@ -104,7 +104,7 @@ def test_per_utterance_reflect_padding_matches_definition(seed):
                 source = 2 * (length - 1) - source
             if 0 <= source < length:
                 expected[b, i + pad] = audio[b, source]
-    assert torch.equal(_reflect_pad_per_utterance(audio, lengths, pad), expected)
+    assert torch.equal(reflect_pad_per_utterance(audio, lengths, pad), expected)
 
 
 def test_log_mel_is_padding_invariant_and_batched(ljspeech_dir):

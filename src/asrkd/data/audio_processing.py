@@ -227,7 +227,7 @@ class FeatureConfig:
         return int(round(self.sample_rate * self.hop_length_ms / 1000))
 
 
-def _reflect_pad_per_utterance(
+def reflect_pad_per_utterance(
     audio: torch.Tensor, lengths: torch.Tensor, pad: int
 ) -> torch.Tensor:
     """Reflect-pad each row at its own end, as ``center=True`` would for the row alone.
@@ -320,6 +320,44 @@ class LogMelFeatures(nn.Module):
         frames = torch.div(sample_lengths, self.config.hop_length, rounding_mode="floor")
         return frames + 1 if self.config.count_last_frame else frames
 
+    def mel_power(self, audio: torch.Tensor) -> torch.Tensor:
+        """Mel power of every whole ``n_fft`` frame, ``hop`` apart, of already padded audio.
+
+        Args:
+            audio: (B, S) float waveforms, centre padding included.
+
+        Returns:
+            (B, (S - n_fft) // hop + 1, n_mels), before the log.
+        """
+        config = self.config
+        # |X|^2 = re^2 + im^2 is folded into the mel matmul: interleaved (re, im) pairs meet a
+        # filterbank with every row doubled, which is much cheaper than strided .real/.imag
+        # views or a sum over a size-2 axis.
+        if torch.onnx.is_in_onnx_export():
+            # onnxruntime's STFT was a quarter of an exported student's time (a DFT per frame:
+            # 11 of 40 ms for 10 s on one thread); the same windowed DFT as one strided
+            # convolution is a GEMM.
+            # Only the window's support is multiplied (400 of 512 samples by default).
+            start = (config.n_fft - config.win_length) // 2
+            end = audio.shape[1] - (config.n_fft - config.win_length - start)
+            pairs = torch.nn.functional.conv1d(
+                audio[:, None, start:end], _dft_pairs(self.window, config.n_fft)[:, None],
+                stride=config.hop_length,
+            ).transpose(1, 2)  # (B, T, 2F)
+        else:
+            spec = torch.stft(
+                audio,
+                n_fft=config.n_fft,
+                hop_length=config.hop_length,
+                win_length=config.win_length,
+                window=self.window,
+                center=False,
+                return_complex=True,
+            )  # (B, F, T)
+            batch, bins, frames = spec.shape
+            pairs = torch.view_as_real(spec.transpose(1, 2)).reshape(batch, frames, 2 * bins)
+        return torch.matmul(pairs.square(), self.fbank_pairs)  # (B, T, n_mels)
+
     def forward(
         self, audio: torch.Tensor, audio_lengths: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -348,34 +386,8 @@ class LogMelFeatures(nn.Module):
         if config.center_pad == "constant":
             audio = torch.nn.functional.pad(audio, (pad, pad))
         else:
-            audio = _reflect_pad_per_utterance(audio, audio_lengths, pad)
-        # |X|^2 = re^2 + im^2 is folded into the mel matmul: interleaved (re, im) pairs meet a
-        # filterbank with every row doubled, which is much cheaper than strided .real/.imag
-        # views or a sum over a size-2 axis.
-        if torch.onnx.is_in_onnx_export():
-            # onnxruntime's STFT was a quarter of an exported student's time (a DFT per frame:
-            # 11 of 40 ms for 10 s on one thread); the same windowed DFT as one strided
-            # convolution is a GEMM.
-            # Only the window's support is multiplied (400 of 512 samples by default).
-            start = (config.n_fft - config.win_length) // 2
-            end = audio.shape[1] - (config.n_fft - config.win_length - start)
-            pairs = torch.nn.functional.conv1d(
-                audio[:, None, start:end], _dft_pairs(self.window, config.n_fft)[:, None],
-                stride=config.hop_length,
-            ).transpose(1, 2)  # (B, T, 2F)
-        else:
-            spec = torch.stft(
-                audio,
-                n_fft=config.n_fft,
-                hop_length=config.hop_length,
-                win_length=config.win_length,
-                window=self.window,
-                center=False,
-                return_complex=True,
-            )  # (B, F, T)
-            batch, bins, frames = spec.shape
-            pairs = torch.view_as_real(spec.transpose(1, 2)).reshape(batch, frames, 2 * bins)
-        mel = torch.matmul(pairs.square(), self.fbank_pairs)  # (B, T, n_mels)
+            audio = reflect_pad_per_utterance(audio, audio_lengths, pad)
+        mel = self.mel_power(audio)  # (B, T, n_mels)
         lengths = self.output_lengths(audio_lengths).clamp(max=mel.shape[1])
         frame_mask = (
             torch.arange(mel.shape[1], device=audio.device)[None, :] < lengths[:, None]

@@ -25,6 +25,8 @@ from torch import nn
 from asrkd.errors import ConfigError
 from asrkd.models.common import make_pad_mask
 
+ATT_CONTEXT_STYLES = ("regular", "chunked_limited")
+
 __all__ = [
     "ConformerConvModule",
     "ConformerLayer",
@@ -62,6 +64,12 @@ class FastConformerConfig:
         att_context: ``(left, right)`` frames at the subsampled rate that each frame may attend
             to (``[t - left, t + right]``); ``-1`` on a side means unlimited; ``None`` = full
             context.
+        att_context_style: ``"regular"``: each frame sees ``[t - left, t + right]``;
+            ``"chunked_limited"`` (NeMo's cache-aware streaming FastConformer): frames are cut
+            into chunks of ``right + 1``; a frame sees its whole chunk and the
+            ``left // (right + 1)`` chunks before it (``left = -1``: all of them), so a chunk
+            can be encoded as it arrives, with a cache of the frames before it (see
+            :mod:`asrkd.streaming`).
         conv_context: ``(left, right)`` frames the depthwise conv sees, ``left + right + 1 ==
             conv_kernel``; ``None`` = symmetric. Use ``(conv_kernel - 1, 0)`` (causal, as NeMo's
             streaming models) to keep the look-ahead of a limited-context model at
@@ -84,6 +92,7 @@ class FastConformerConfig:
     subsampling_factor: int = 8
     subsampling_channels: int = 256
     att_context: tuple[int, int] | None = None
+    att_context_style: str = "regular"
     conv_context: tuple[int, int] | None = None
     conv_norm: str = "batch_norm"
     dropout: float = 0.1
@@ -123,6 +132,18 @@ class FastConformerConfig:
         ):
             raise ConfigError(
                 f"att_context must be (left, right) with values >= -1: {self.att_context}"
+            )
+        if self.att_context_style not in ATT_CONTEXT_STYLES:
+            raise ConfigError(
+                f"att_context_style must be one of {ATT_CONTEXT_STYLES}, "
+                f"not {self.att_context_style!r}"
+            )
+        if self.att_context_style == "chunked_limited" and (
+            self.att_context is None or self.att_context[1] < 0
+        ):
+            raise ConfigError(
+                "att_context_style: chunked_limited needs att_context (left, right) with "
+                f"right >= 0 (chunks of right + 1 frames), not {self.att_context}"
             )
         if self.conv_context is not None and (
             len(self.conv_context) != 2
@@ -337,59 +358,82 @@ class RelPositionalEncoding(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
         self.dropout = nn.Dropout(dropout_emb)
 
-    def forward(self, length: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """Return (1, 2T, D) embeddings; row k embeds relative position ``T - 1 - k``."""
-        pos = torch.arange(length - 1, -length - 1, -1, device=self.inv_freq.device).float()
+    def forward(
+        self, length: int, dtype: torch.dtype | None = None, memory: int = 0
+    ) -> torch.Tensor:
+        """Return (1, 2T + M, D) embeddings; row k embeds relative position ``T + M - 1 - k``.
+
+        ``memory`` M: keys of M cached frames before the T queries (streaming), whose relative
+        positions reach ``T + M - 1``.
+        """
+        pos = torch.arange(
+            length + memory - 1, -length - 1, -1, device=self.inv_freq.device
+        ).float()
         angles = pos.unsqueeze(1) * self.inv_freq.unsqueeze(0)  # (2T, D/2)
         # Interleave so that even dims hold sin and odd dims cos.
         pe = torch.stack((angles.sin(), angles.cos()), dim=-1).flatten(1)
         return self.dropout(pe.unsqueeze(0).to(dtype or pe.dtype))
 
 
-def rel_shift(x: torch.Tensor) -> torch.Tensor:
+def rel_shift(x: torch.Tensor, memory: int = 0) -> torch.Tensor:
     """Turn scores against relative positions into scores against key positions.
 
     Args:
-        x: (B, H, T, 2T) scores, column k for relative position ``T - 1 - k``
+        x: (B, H, T, 2T + M) scores, column k for relative position ``T + M - 1 - k``
             (from :class:`RelPositionalEncoding`); must be contiguous.
+        memory: M, cached key frames before the T queries (streaming; 0 in one pass).
 
     Returns:
-        (B, H, T, T) view with ``out[..., i, j] = x[..., i, T - 1 - i + j]`` (relative position
-        ``i - j``). In flat row-major order that element sits at ``i * (2T - 1) + (T - 1) + j``,
-        so a slice and two reshapes give it without a copy (and export to ONNX as plain
-        slice/reshape).
+        (B, H, T, T + M) view with ``out[..., i, j] = x[..., i, T - 1 - i + j]`` (query i at
+        position ``M + i`` against key j: relative position ``M + i - j``). With ``n = 2T + M``
+        that element sits at ``i * (n - 1) + (T - 1) + j`` in flat row-major order, so a slice
+        and two reshapes give it without a copy (and export to ONNX as plain slice/reshape).
     """
     b, h, t, n = x.shape
     x = x.reshape(b, h, t * n)[..., t - 1 : t - 1 + t * (n - 1)]
-    return x.reshape(b, h, t, n - 1)[..., :t]
+    return x.reshape(b, h, t, n - 1)[..., : t + memory]
 
 
 def attention_block_mask(
-    pad_mask: torch.Tensor, att_context: tuple[int, int] | None = None
+    pad_mask: torch.Tensor,
+    att_context: tuple[int, int] | None = None,
+    style: str = "regular",
 ) -> torch.Tensor:
     """Boolean mask of the (query, key) pairs that may NOT attend.
 
     Args:
         pad_mask: (B, T) True on padded frames.
         att_context: ``(left, right)`` frames each query sees, -1 = unlimited; None = all.
+        style: ``"regular"`` or ``"chunked_limited"`` (see :class:`FastConformerConfig`).
 
     Returns:
-        (B, 1, T, T) bool, True where key j is padding or outside ``[i - left, i + right]``.
-        A valid query always sees itself, so only padded queries can get fully blocked rows.
+        (B, 1, T, T) bool, True where key j is padding or outside the query's context:
+        ``[i - left, i + right]`` (regular), or the query's chunk of ``right + 1`` frames and
+        the ``left // (right + 1)`` chunks before it (chunked_limited). A valid query always
+        sees itself, so only padded queries can get fully blocked rows.
     """
     blocked = pad_mask[:, None, None, :]
-    if att_context is not None and (att_context[0] >= 0 or att_context[1] >= 0):
-        t = pad_mask.size(1)
-        pos = torch.arange(t, device=pad_mask.device)
-        offset = pos.unsqueeze(0) - pos.unsqueeze(1)  # (T, T): key minus query
-        outside = torch.zeros(t, t, dtype=torch.bool, device=pad_mask.device)
-        left, right = att_context
+    if att_context is None:
+        return blocked
+    left, right = att_context
+    t = pad_mask.size(1)
+    pos = torch.arange(t, device=pad_mask.device)
+    if style == "chunked_limited":
+        chunk = pos // (right + 1)
+        offset = chunk.unsqueeze(0) - chunk.unsqueeze(1)  # (T, T): key chunk minus query chunk
+        outside = offset > 0
         if left >= 0:
-            outside |= offset < -left
-        if right >= 0:
-            outside |= offset > right
-        blocked = blocked | outside
-    return blocked
+            outside |= offset < -(left // (right + 1))
+        return blocked | outside
+    if left < 0 and right < 0:
+        return blocked
+    offset = pos.unsqueeze(0) - pos.unsqueeze(1)  # (T, T): key minus query
+    outside = torch.zeros(t, t, dtype=torch.bool, device=pad_mask.device)
+    if left >= 0:
+        outside |= offset < -left
+    if right >= 0:
+        outside |= offset > right
+    return blocked | outside
 
 
 class RelPositionMultiHeadAttention(nn.Module):
@@ -419,25 +463,41 @@ class RelPositionMultiHeadAttention(nn.Module):
         self.dropout_att = dropout_att
 
     def forward(
-        self, x: torch.Tensor, pos_emb: torch.Tensor, block_mask: torch.Tensor
+        self,
+        x: torch.Tensor,
+        pos_emb: torch.Tensor,
+        block_mask: torch.Tensor,
+        memory: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Attend.
 
         Args:
             x: (B, T, D) input.
-            pos_emb: (1, 2T, D) relative positional embeddings.
-            block_mask: (B, 1, T, T) bool, True on pairs that must not attend.
+            pos_emb: (1, 2T + M, D) relative positional embeddings.
+            block_mask: (B, 1, T, M + T) bool, True on pairs that must not attend.
+            memory: (B, M, D) inputs of the M frames before ``x`` (a streaming cache), which
+                serve as keys and values only; None: M = 0.
 
         Returns:
             (B, T, D).
         """
         b, t, d = x.shape
         h, d_k = self.n_heads, self.d_k
-        q, k, v = self.qkv(x).view(b, t, 3, h, d_k).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,T,dk)
-        p = self.linear_pos(pos_emb).view(1, -1, h, d_k).transpose(1, 2)  # (1, H, 2T, dk)
+        if memory is None:
+            q, k, v = self.qkv(x).view(b, t, 3, h, d_k).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            # Queries of the new frames only; keys and values of the cache and the new frames.
+            w_q, w_kv = self.qkv.weight.split((d, 2 * d))
+            b_q, b_kv = self.qkv.bias.split((d, 2 * d))
+            q = F.linear(x, w_q, b_q).view(b, t, h, d_k).transpose(1, 2)
+            keys = torch.cat((memory, x), dim=1)
+            kv = F.linear(keys, w_kv, b_kv).view(b, keys.size(1), 2, h, d_k)
+            k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, M + T, dk)
+        p = self.linear_pos(pos_emb).view(1, -1, h, d_k).transpose(1, 2)  # (1, H, 2T + M, dk)
         pos_scores = rel_shift(
-            torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1))
-        )  # (B, H, T, T)
+            torch.matmul(q + self.pos_bias_v.unsqueeze(1), p.transpose(-2, -1)),
+            k.size(2) - t,
+        )  # (B, H, T, M + T)
         # A finite fill (not -inf) keeps fully blocked rows (padded queries) NaN-free: softmax
         # turns them into a harmless uniform average, and the encoder zeroes those frames.
         # exp(finfo.min - max) is exactly 0, so blocked keys contribute nothing to valid rows.
@@ -576,6 +636,27 @@ class ConformerConvModule(nn.Module):
             x = self.norm(x.transpose(1, 2))
         return self.pointwise2(F.silu(x))
 
+    def stream(self, x: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next frames of a causal conv module (``context == (kernel - 1, 0)``), eval mode.
+
+        Args:
+            x: (B, T, D) new frames (no padding).
+            cache: (B, D, kernel - 1) depthwise inputs of the frames before them (zeros at the
+                start: the one-pass conv's left padding).
+
+        Returns:
+            (B, T, D) output, and the (B, D, kernel - 1) cache for the next call.
+        """
+        x = F.glu(self.pointwise1(x), dim=-1).transpose(1, 2)  # (B, D, T)
+        x = torch.cat((cache, x), dim=2)
+        cache = x[:, :, x.size(2) - self.context[0] :]
+        x = self.depthwise(x)
+        if isinstance(self.norm, MaskedBatchNorm1d):
+            x = self.norm(x).transpose(1, 2)
+        else:
+            x = self.norm(x.transpose(1, 2))
+        return self.pointwise2(F.silu(x)), cache
+
 
 class ConformerLayer(nn.Module):
     """One conformer block, pre-LN residuals (as NeMo)::
@@ -630,6 +711,36 @@ class ConformerLayer(nn.Module):
         x = x + self.dropout(self.conv(self.norm_conv(x), pad_mask))
         x = x + 0.5 * self.dropout(self.ff2(self.norm_ff2(x)))
         return self.norm_out(x)
+
+    def stream(
+        self,
+        x: torch.Tensor,
+        pos_emb: torch.Tensor,
+        block_mask: torch.Tensor,
+        att_cache: torch.Tensor,
+        conv_cache: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The block on the next frames of a stream, eval mode (see :mod:`asrkd.streaming`).
+
+        Args:
+            x: (B, T, D) new frames.
+            pos_emb: (1, 2T + M, D) relative positional embeddings.
+            block_mask: (B, 1, T, M + T) True on (query, key) pairs that must not attend.
+            att_cache: (B, M, D) attention inputs (after ``norm_att``) of the M frames before.
+            conv_cache: (B, D, conv_kernel - 1) depthwise-conv inputs of the frames before.
+
+        Returns:
+            (B, T, D) output, and the attention and conv caches for the next call (the last M
+            attention inputs, the last ``conv_kernel - 1`` conv inputs).
+        """
+        x = x + 0.5 * self.ff1(self.norm_ff1(x))
+        h = self.norm_att(x)
+        x = x + self.att(h, pos_emb, block_mask, memory=att_cache)
+        att_cache = torch.cat((att_cache, h), dim=1)[:, h.size(1) :]
+        conv, conv_cache = self.conv.stream(self.norm_conv(x), conv_cache)
+        x = x + conv
+        x = x + 0.5 * self.ff2(self.norm_ff2(x))
+        return self.norm_out(x), att_cache, conv_cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -699,7 +810,9 @@ class FastConformerEncoder(nn.Module):
         t = x.size(1)
         pos_emb = self.pos_enc(t, x.dtype)
         pad_mask = make_pad_mask(lengths, t)
-        block_mask = attention_block_mask(pad_mask, self.config.att_context)
+        block_mask = attention_block_mask(
+            pad_mask, self.config.att_context, self.config.att_context_style
+        )
         frame_pad = pad_mask.unsqueeze(-1)
         hidden: list[torch.Tensor] = []
         for layer in self.layers:

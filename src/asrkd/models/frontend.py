@@ -32,6 +32,10 @@ class ResNet1DConfig:
         strides: time stride of each stage (applied by its first block); same length as
             ``channels``.
         dropout: dropout after the first conv of each block.
+        causal: pad every conv on the left only (``kernel_size - 1`` frames), so an output frame
+            reads no input frame after its own (a streaming model: no look-ahead, and its
+            convolution states can be cached chunk by chunk); False: "same" padding, one frame
+            of look-ahead per conv at k3.
     """
 
     input_dim: int = 80
@@ -40,6 +44,7 @@ class ResNet1DConfig:
     kernel_size: int = 3
     strides: tuple[int, ...] = (1, 1)
     dropout: float = 0.0
+    causal: bool = False
 
     def __post_init__(self) -> None:
         if len(self.channels) != len(self.strides) or not self.channels:
@@ -77,6 +82,9 @@ class ResidualBlock1D(nn.Module):
         kernel_size: odd kernel.
         stride: time stride of the first conv and the skip.
         dropout: dropout after the first activation.
+        causal: left padding only (``kernel_size - 1`` frames): output frame j of the first conv
+            reads input frames ``stride * j - kernel_size + 1 .. stride * j``, the same frames
+            the strided skip ends on, and the lengths are the same as with "same" padding.
     """
 
     def __init__(
@@ -86,9 +94,12 @@ class ResidualBlock1D(nn.Module):
         kernel_size: int = 3,
         stride: int = 1,
         dropout: float = 0.0,
+        causal: bool = False,
     ):
         super().__init__()
-        pad = kernel_size // 2
+        # Causal: the convs pad nothing and forward pads kernel_size - 1 zeros on the left.
+        self.left_pad = kernel_size - 1 if causal else 0
+        pad = 0 if causal else kernel_size // 2
         self.stride = stride
         # No conv bias: the LayerNorm right after supplies one.
         self.conv1 = nn.Conv1d(in_channels, out_channels, kernel_size, stride, pad, bias=False)
@@ -111,12 +122,33 @@ class ResidualBlock1D(nn.Module):
             (B, C_out, T') zero on padded frames, and (B,) lengths ``ceil(L / stride)``.
         """
         lengths = _strided_lengths(lengths, self.stride)
-        y = self.conv1(x)
+        y = self.conv1(F.pad(x, (self.left_pad, 0)) if self.left_pad else x)
         pad = make_pad_mask(lengths, y.size(-1)).unsqueeze(1)  # (B, 1, T')
         y = self.dropout(F.relu(self.norm1(y))).masked_fill(pad, 0.0)
-        y = self.norm2(self.conv2(y))
+        y = self.norm2(self.conv2(F.pad(y, (self.left_pad, 0)) if self.left_pad else y))
         y = y + (x if self.skip is None else self.skip(x))
         return F.relu(y).masked_fill(pad, 0.0), lengths
+
+    def stream(
+        self, x: torch.Tensor, cache: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        """The next frames of a causal block, eval mode (see :mod:`asrkd.streaming`).
+
+        Args:
+            x: (B, C_in, T) new frames; T a multiple of the stride except in a stream's last
+                call, so that every call starts on a stride boundary as the one-pass conv does.
+            cache: the last ``kernel_size - 1`` inputs of each conv, (B, C_in, k - 1) and
+                (B, C_out, k - 1) (zeros at the start: the one-pass left padding).
+
+        Returns:
+            (B, C_out, ceil(T / stride)) output and the caches for the next call.
+        """
+        keep = self.left_pad
+        x_in = torch.cat((cache[0], x), dim=2)
+        y = F.relu(self.norm1(self.conv1(x_in)))
+        y_in = torch.cat((cache[1], y), dim=2)
+        y = self.norm2(self.conv2(y_in)) + (x if self.skip is None else self.skip(x))
+        return F.relu(y), (x_in[:, :, x_in.size(2) - keep :], y_in[:, :, y_in.size(2) - keep :])
 
 
 class ResNet1D(nn.Module):
@@ -140,7 +172,8 @@ class ResNet1D(nn.Module):
             for i in range(config.blocks_per_stage):
                 blocks.append(
                     ResidualBlock1D(
-                        in_ch, out_ch, config.kernel_size, stride if i == 0 else 1, config.dropout
+                        in_ch, out_ch, config.kernel_size, stride if i == 0 else 1,
+                        config.dropout, config.causal,
                     )
                 )
                 in_ch = out_ch

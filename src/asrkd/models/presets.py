@@ -7,7 +7,7 @@ from functools import partial
 
 from asrkd.errors import UserError
 from asrkd.models.e2e_asr import ModelConfig
-from asrkd.models.student_model import student_cpu, student_nemo
+from asrkd.models.student_model import student_cpu, student_cpu_streaming, student_nemo
 from asrkd.models.teacher_model import (
     fastconformer_large,
     fastconformer_medium,
@@ -20,6 +20,8 @@ PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "teacher_cpu_rnnt": partial(teacher_cpu, "rnnt"),
     "student_cpu": student_cpu,
     "student_cpu_rnnt": partial(student_cpu, "rnnt"),
+    "student_cpu_streaming": student_cpu_streaming,
+    "student_cpu_streaming_rnnt": partial(student_cpu_streaming, "rnnt"),
     "student_nemo": student_nemo,
     "student_nemo_rnnt": partial(student_nemo, "rnnt"),
     "fastconformer_small": fastconformer_small,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 from asrkd.data.audio_processing import FeatureConfig, SpecAugmentConfig
 from asrkd.models.e2e_asr import ModelConfig, TokenizerConfig
 from asrkd.models.encoder import FastConformerConfig
@@ -39,6 +41,40 @@ def student_cpu(decoder: str = "transformer") -> ModelConfig:
                                              dropout=0.0),
         rnnt=RNNTConfig(pred_dim=96, joint_dim=96, dropout=0.0),
         spec_augment=SpecAugmentConfig(freq_masks=2, freq_width=15, time_masks=5),
+    )
+
+
+def student_cpu_streaming(decoder: str = "transformer") -> ModelConfig:
+    """:func:`student_cpu` made streamable, as NeMo's cache-aware FastConformer.
+
+    Three changes, each what streaming needs and nothing more:
+
+    - features without per-utterance statistics (``normalize: None``, no dynamic-range floor
+      relative to the utterance's peak): every frame's features depend on its own 25 ms of
+      audio only (NeMo's streaming models use ``normalize: NA`` for the same reason);
+    - a causal frontend and causal depthwise convs in the conformer blocks: no frame reads a
+      later one, so their states are the last ``kernel - 1`` frames;
+    - chunked attention (``att_context_style: chunked_limited``, ``att_context: [64, 7]``):
+      chunks of 8 encoder frames (320 ms of audio at the 4x frame rate of 40 ms), each seeing
+      itself and the 8 chunks (2.56 s) before it.
+
+    So a 320 ms chunk is encoded when it has arrived, with caches, at a cost that does not
+    grow with what came before (:mod:`asrkd.streaming`), and the one-pass forward used in
+    training computes exactly what chunk-by-chunk inference does. The CTC head decodes the
+    stream; the attention decoder (trained alongside, as in :func:`student_cpu`) rescores
+    finished utterances only.
+    """
+    base = student_cpu(decoder)
+    return replace(
+        base,
+        features=FeatureConfig(normalize=None),
+        frontend=replace(base.frontend, causal=True),
+        encoder=replace(
+            base.encoder,
+            att_context=(64, 7),
+            att_context_style="chunked_limited",
+            conv_context=(base.encoder.conv_kernel - 1, 0),
+        ),
     )
 
 
