@@ -190,7 +190,24 @@ def cmd_infer(args: argparse.Namespace) -> None:
     from asrkd.data.audio_processing import SAMPLE_RATE, AudioError, load_audio
 
     torch.set_num_threads(args.threads)
-    if args.onnx:
+    if args.streaming:
+        _check_streaming_arguments(args)
+        from asrkd.streaming import StreamingRecognizer
+
+        if args.onnx:
+            from asrkd.export import OnnxStreamer
+
+            source = OnnxStreamer(args.onnx, threads=args.threads)
+        else:
+            from asrkd.models.e2e_asr import load_checkpoint
+
+            source = load_checkpoint(args.ckpt)
+        recognizer = StreamingRecognizer(source)
+        chunk_ms = args.chunk_ms or recognizer.chunk_ms
+        method = "ctc_greedy"
+        print(f"decoding: {method} (streaming{' ONNX' if args.onnx else ''}: {chunk_ms:g} ms "
+              f"pieces of audio, encoder chunks of {recognizer.chunk_ms:g} ms)", file=sys.stderr)
+    elif args.onnx:
         from asrkd.export import OnnxASR
 
         if args.lm:
@@ -240,11 +257,24 @@ def cmd_infer(args: argparse.Namespace) -> None:
     for path in files:
         start = time.perf_counter()
         try:
-            if args.onnx:
+            extra = {}
+            if args.onnx and not args.streaming:
                 audio = load_audio(path)
                 result = None
                 text = transcribe(audio)
                 duration = len(audio) / SAMPLE_RATE
+            elif args.streaming:
+                audio = load_audio(path)
+                result = None
+                recognizer.reset()
+                piece = max(1, round(SAMPLE_RATE * chunk_ms / 1000))
+                for offset in range(0, len(audio), piece):
+                    recognizer.accept(audio[offset : offset + piece])
+                text = recognizer.finish()
+                duration = len(audio) / SAMPLE_RATE
+                chunks = recognizer.chunk_seconds
+                extra = {"chunk_ms": chunk_ms, "encoder_chunks": len(chunks),
+                         "chunk_compute_ms": round(1000 * sum(chunks) / max(len(chunks), 1), 2)}
             else:
                 result = longform.transcribe(path)
                 text, duration = result.text, result.duration
@@ -254,7 +284,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
         elapsed = time.perf_counter() - start
         print(f"{path}\t{text}")
         row = {"audio_filepath": str(path), "duration": round(duration, 3), "text": text,
-               "method": method, "seconds": round(elapsed, 4)}
+               "method": method, "seconds": round(elapsed, 4), **extra}
         if result is not None:
             row["words"] = result.to_dict()["words"]
             row["segments"] = result.to_dict()["segments"]
@@ -266,6 +296,20 @@ def cmd_infer(args: argparse.Namespace) -> None:
         with Path(args.out).open("w", encoding="utf-8") as handle:
             for row in rows:
                 handle.write(json.dumps(row) + "\n")
+
+
+def _check_streaming_arguments(args: argparse.Namespace) -> None:
+    clashes = [flag for flag, given in (
+        ("--lm", args.lm), ("--srt", args.srt),
+        ("--beam-size", args.beam_size is not None), ("--ctc-weight", args.ctc_weight is not None),
+    ) if given]
+    if args.method not in (None, "ctc_greedy"):
+        clashes.append(f"--method {args.method}")
+    if clashes:
+        raise UserError(f"--streaming decodes with CTC greedy search as the audio arrives; it "
+                        f"does not combine with {', '.join(clashes)}")
+    if args.chunk_ms is not None and args.chunk_ms <= 0:
+        raise UserError(f"--chunk-ms must be positive, got {args.chunk_ms:g}")
 
 
 def cmd_bench(args: argparse.Namespace) -> None:
@@ -583,6 +627,14 @@ def build_parser() -> argparse.ArgumentParser:
     infer.add_argument("--merge-seconds", type=float, default=0.0,
                        help="join neighbouring pieces again while at most this long, for models "
                        "trained with data.concat_prob (default: %(default)s)")
+    infer.add_argument("--streaming", action="store_true",
+                       help="feed each file in pieces of --chunk-ms as a live stream and decode "
+                       "chunk by chunk with caches (a model trained for streaming, such as "
+                       "preset student_cpu_streaming, as --ckpt or its --onnx export; CTC "
+                       "greedy)")
+    infer.add_argument("--chunk-ms", type=float, default=None,
+                       help="--streaming: audio per piece fed (default: the model's encoder "
+                       "chunk, 320 ms for student_cpu_streaming)")
     infer.add_argument("--threads", type=int, default=2)
     _add_search_arguments(infer)
     _add_lm_arguments(infer)

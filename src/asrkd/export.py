@@ -31,6 +31,7 @@ import logging
 import os
 import tempfile
 import warnings
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,7 @@ from torch import nn
 from asrkd.data.tokenizer import tokenizer_from_dict
 from asrkd.errors import UserError
 from asrkd.models.e2e_asr import E2EASR
+from asrkd.streaming import StreamFeatures, StreamingEncoder, streaming_problems
 from asrkd.utils.memory import check_memory, encoder_bytes, encoder_shape
 
 FORMAT = "asrkd-onnx-1"
@@ -89,6 +91,43 @@ class _JointGraph(nn.Module):
             self.joint.encoder_proj(encoder_frame), self.joint.pred_proj(pred_out)
         )
         return logits.log_softmax(-1)
+
+
+class _StreamGraph(nn.Module):
+    """The streaming chunk step with its state as one list argument (the exporter's form)."""
+
+    def __init__(self, model: E2EASR) -> None:
+        super().__init__()
+        self.step = StreamingEncoder(model)
+
+    def forward(self, features: torch.Tensor, state: list[torch.Tensor]):  # noqa: ANN201
+        return self.step(features, *state)
+
+
+def _export_streaming(model: E2EASR, out: Path) -> dict:
+    """``<stem>.stream.onnx`` (one chunk of features + caches -> CTC log-probs + caches) and
+    ``<stem>.stream_features.onnx`` (padded audio -> log-mel frames); returns their layout."""
+    stem = out.name.removesuffix(".onnx")
+    paths = {k: out.with_name(f"{stem}.{k}.onnx") for k in ("stream", "stream_features")}
+    graph = _StreamGraph(model)
+    state = graph.step.initial_state()
+    names = [f"state{i}" for i in range(len(state))]
+    chunk_frames = graph.step.chunk_frames
+    frames = torch.export.Dim("frames", min=1, max=chunk_frames)
+    _export(graph, (torch.randn(1, chunk_frames, model.features.config.n_mels), list(state)),
+            (["features", *names], ["log_probs", *[f"{n}_out" for n in names]]),
+            ({1: frames}, [None] * len(state)), paths["stream"])
+    n_fft = model.features.config.n_fft
+    samples = torch.export.Dim("padded_samples", min=n_fft, max=16000 * 3600)
+    _export(StreamFeatures(model.features), (torch.randn(1, n_fft + 7 * 160),),
+            (["padded_audio"], ["features"]), ({1: samples},), paths["stream_features"])
+    return {
+        "graphs": {k: p.name for k, p in paths.items()},
+        "chunk_frames": chunk_frames,
+        "state": [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
+                  for n, t in zip(names, state)],
+        "features": asdict(model.features.config),
+    }
 
 
 def _export(module: nn.Module, args: tuple, names: tuple[list[str], list[str]],
@@ -182,10 +221,12 @@ def export_onnx(model: E2EASR, out: str | Path, int8: bool = False) -> dict:
         graphs.update({k: p.name for k, p in paths.items()})
     if not graphs:
         raise UserError("nothing to export: the model has neither a CTC head nor an RNN-T")
+    # A model trained for streaming also gets its chunk step (asrkd.streaming).
+    streaming = None if streaming_problems(model) else _export_streaming(model, out)
     if int8:
         filterbank = [list(buffer.shape) for name, buffer in model.features.named_buffers()
                       if "fbank" in name]
-        for name in graphs.values():
+        for name in [*graphs.values(), *(streaming["graphs"].values() if streaming else ())]:
             _quantize(out.with_name(name), filterbank)
     description = {
         "format": FORMAT,
@@ -197,6 +238,7 @@ def export_onnx(model: E2EASR, out: str | Path, int8: bool = False) -> dict:
         "encoder": encoder_shape(model),  # for the memory check of long inputs
         # What `asrkd infer --ckpt` runs on the same model, so that both print the same text.
         "default_method": model.default_method(),
+        "streaming": streaming,
         "rnnt": None if model.decoder_type != "rnnt" else {
             "pred_layers": model.decoder.config.pred_layers,
             "pred_dim": model.decoder.config.pred_dim,
@@ -326,3 +368,60 @@ class OnnxASR:
 
 
 __all__ = ["OnnxASR", "export_onnx"]
+
+
+class OnnxStreamer:
+    """The streaming graphs of an export, in the form :class:`asrkd.streaming.StreamingRecognizer`
+    runs (``StreamingRecognizer(OnnxStreamer("student.onnx"))``): the same chunk step, caches and
+    features as the PyTorch model, with onnxruntime alone.
+
+    Args:
+        path: the ``.onnx`` file given to ``asrkd export --out`` for a model trained for
+            streaming (its ``.json`` says so).
+        threads: onnxruntime intra-op threads.
+    """
+
+    def __init__(self, path: str | Path, threads: int = 2) -> None:
+        import onnxruntime as ort
+
+        from asrkd.data.audio_processing import FeatureConfig
+
+        path = Path(path)
+        sidecar = Path(f"{path}.json")
+        if not sidecar.is_file():
+            raise FileNotFoundError(f"{sidecar} not found (written by `asrkd export` beside "
+                                    f"{path.name})")
+        description = json.loads(sidecar.read_text(encoding="utf-8"))
+        layout = description.get("streaming")
+        if description.get("format") != FORMAT or not layout:
+            raise UserError(f"{path}: not the export of a model trained for streaming (export "
+                            "one whose config passes asrkd.streaming.streaming_problems)")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        self._sessions = {
+            name: ort.InferenceSession(str(path.with_name(file)), options,
+                                       providers=["CPUExecutionProvider"])
+            for name, file in layout["graphs"].items()
+        }
+        self._layout = layout
+        self.tokenizer = tokenizer_from_dict(description["tokenizer"])
+        self.features_config = FeatureConfig(**{
+            k: tuple(v) if isinstance(v, list) else v for k, v in layout["features"].items()
+        })
+        self.chunk_frames = int(layout["chunk_frames"])
+        self._names = [item["name"] for item in layout["state"]]
+
+    def initial_state(self) -> tuple[torch.Tensor, ...]:
+        return tuple(torch.zeros(item["shape"], dtype=getattr(torch, item["dtype"]))
+                     for item in self._layout["state"])
+
+    def step(self, features: torch.Tensor, *state: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        inputs = {"features": features.numpy(),
+                  **{name: t.numpy() for name, t in zip(self._names, state)}}
+        return tuple(torch.from_numpy(x) for x in self._sessions["stream"].run(None, inputs))
+
+    def log_mel(self, padded: torch.Tensor) -> torch.Tensor:
+        (frames,) = self._sessions["stream_features"].run(
+            None, {"padded_audio": padded.numpy().astype(np.float32)})
+        return torch.from_numpy(frames)
