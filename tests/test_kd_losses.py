@@ -575,3 +575,22 @@ def test_half_precision_inputs_are_upcast() -> None:
     low = CTCFrameKD()(s.bfloat16(), t.bfloat16(), lengths)
     assert low.dtype == torch.float32
     assert _f(low) == pytest.approx(_f(ref), rel=5e-2)
+
+
+def test_ctc_kd_delay_compares_each_student_frame_with_an_earlier_teacher_frame() -> None:
+    from asrkd.losses.kd.common import delay_frames
+
+    x = torch.arange(10.0).view(2, 5, 1)
+    assert delay_frames(x, 2)[:, :, 0].tolist() == [[0, 0, 0, 1, 2], [5, 5, 5, 6, 7]]
+    assert torch.equal(delay_frames(x, 0), x)
+    torch.manual_seed(0)
+    teacher = torch.randn(2, 9, 6)
+    student = torch.randn(2, 9, 6)
+    lengths = torch.tensor([9, 6])
+    # The student a teacher delayed by 3 frames is compared with: its own frames 3.. against
+    # the teacher's 0.., and its first 3 against the teacher's frame 0.
+    shifted = torch.cat((teacher[:, :1].expand(-1, 3, -1), teacher[:, :6]), dim=1)
+    torch.testing.assert_close(CTCFrameKD(delay=3)(student, teacher, lengths),
+                               CTCFrameKD()(student, shifted, lengths))
+    assert CTCFrameKD(delay=3)(shifted, teacher, lengths).item() < 1e-6  # perfectly delayed
+    assert CTCFrameKD()(shifted, teacher, lengths).item() > 0.1

@@ -104,11 +104,11 @@ def test_cached_kd_equals_online_kd_when_k_is_vocab(tmp_path, small_manifest, te
         keys, student_out.ctc_logits.shape[1], student.vocab_size
     )
     assert torch.equal(cached_lengths, student_out.encoder_lengths)
-    for tau, blank_weight in [(1.0, 1.0), (2.0, 1.0), (3.0, 0.3)]:
-        online = CTCFrameKD(temperature=tau, blank_weight=blank_weight)(
+    for tau, blank_weight, delay in [(1.0, 1.0, 0), (2.0, 1.0, 0), (3.0, 0.3, 0), (2.0, 1.0, 3)]:
+        online = CTCFrameKD(temperature=tau, blank_weight=blank_weight, delay=delay)(
             student_out.ctc_logits, teacher_out.ctc_logits, student_out.encoder_lengths
         )
-        cached = CachedCTCFrameKD(temperature=tau, blank_weight=blank_weight)(
+        cached = CachedCTCFrameKD(temperature=tau, blank_weight=blank_weight, delay=delay)(
             student_out.ctc_logits,
             values,
             indices,

@@ -39,6 +39,10 @@ class KDConfig:
         losses: names from ``ctc_kl``, ``token_kl``, ``rnnt_kl``, ``hidden``.
         weights: one weight per entry of ``losses`` (default 1 each).
         blank_weight: weight of teacher-blank frames in ``ctc_kl`` (1 = no down-weighting).
+        ctc_delay: encoder frames by which ``ctc_kl`` delays the teacher's posteriors: a
+            streaming student sees less of the future than a full-context teacher and emits
+            its tokens later, so frame-by-frame agreement with the teacher's timing fights its
+            CTC loss (0 = none).
         layer_map: (student layer, teacher layer) pairs for ``hidden``; None maps uniformly.
         hidden_loss: ``mse`` or ``cosine``.
         rnnt_chunk_size: frames per chunk in ``rnnt_kl`` (memory).
@@ -56,6 +60,7 @@ class KDConfig:
     losses: tuple[str, ...] = ("ctc_kl", "token_kl")
     weights: tuple[float, ...] | None = None
     blank_weight: float = 1.0
+    ctc_delay: int = 0
     layer_map: tuple[tuple[int, int], ...] | None = None
     hidden_loss: str = "mse"
     rnnt_chunk_size: int = 16
@@ -156,7 +161,7 @@ def build_kd(
             )
         teacher_cache.check_compatible(student)
         kd_loss = CachedCTCKD(config.temperature, config.blank_weight, config.reduction,
-                              weight=(config.weights or (1.0,))[0])
+                              weight=(config.weights or (1.0,))[0], delay=config.ctc_delay)
         return KDWrapper(CachedTeacher(teacher_cache), student, asr_loss_fn, kd_loss,
                          distil_final_output, config.alpha)
     if teacher is None:

@@ -52,6 +52,7 @@ from asrkd.losses.kd.common import (
     check_blank_weight,
     check_kd_compatibility,
     check_temperature,
+    delay_frames,
     kl_from_log_probs,
     reduce_losses,
     upcast_half,
@@ -390,13 +391,16 @@ class CachedCTCFrameKD(SoftenedKD):
         temperature: softmax temperature tau > 0.
         blank_weight: weight of frames whose teacher argmax is blank (1.0 = no change).
         reduction: ``"utterance"`` or ``"frame"``.
+        delay: frames by which the teacher's posteriors are delayed (see ``CTCFrameKD``).
     """
 
     def __init__(
-        self, temperature: float = 2.0, blank_weight: float = 1.0, reduction: str = "utterance"
+        self, temperature: float = 2.0, blank_weight: float = 1.0, reduction: str = "utterance",
+        delay: int = 0,
     ) -> None:
         super().__init__(temperature, reduction)
         self.blank_weight = check_blank_weight(blank_weight)
+        self.delay = int(delay)
 
     def forward(
         self,
@@ -443,6 +447,8 @@ class CachedCTCFrameKD(SoftenedKD):
                 "perturbation?) or another frame rate; rebuild it with `asrkd cache-teacher`"
             )
         tau = self.temperature
+        teacher_values = delay_frames(teacher_values, self.delay)
+        teacher_indices = delay_frames(teacher_indices, self.delay)
         valid = ~make_pad_mask(lengths.to(student_logits.device), student_logits.shape[1])
         # Select valid frames first: padding never enters any arithmetic.
         student = upcast_half(student_logits[valid])  # (N, V)
@@ -526,9 +532,9 @@ class CachedCTCKD(nn.Module):
     needs_hidden = False
 
     def __init__(self, temperature: float = 2.0, blank_weight: float = 1.0,
-                 reduction: str = "utterance", weight: float = 1.0) -> None:
+                 reduction: str = "utterance", weight: float = 1.0, delay: int = 0) -> None:
         super().__init__()
-        self.loss = CachedCTCFrameKD(temperature, blank_weight, reduction)
+        self.loss = CachedCTCFrameKD(temperature, blank_weight, reduction, delay)
         self.weight = float(weight)
 
     def forward(self, student: ASROutput,

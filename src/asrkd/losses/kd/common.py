@@ -112,6 +112,23 @@ def check_temperature(temperature: float) -> float:
     return float(temperature)
 
 
+def delay_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """``x`` (B, T, ...) delayed along time: frame t holds frame ``t - frames``, and the first
+    ``frames`` repeat frame 0 (a teacher's leading blank). Valid frames of a padded row still
+    read valid frames only; the last ``frames`` of each row's own frames drop out.
+
+    For a streaming student, which has to emit later than a full-context teacher (it sees
+    less of the future): ``ctc_delay`` in :class:`~asrkd.training.distillation.KDConfig`.
+    """
+    if frames == 0:
+        return x
+    if frames < 0:
+        raise ConfigError(f"a delay must be >= 0 frames, got {frames}")
+    frames = min(frames, x.shape[1])
+    head = x[:, :1].expand(-1, frames, *x.shape[2:])
+    return torch.cat((head, x[:, : x.shape[1] - frames]), dim=1)
+
+
 def check_blank_weight(blank_weight: float) -> float:
     if blank_weight < 0:
         raise ConfigError(f"blank_weight must be >= 0, got {blank_weight}")

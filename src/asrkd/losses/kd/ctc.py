@@ -12,6 +12,7 @@ from asrkd.losses.kd.common import (
     SoftenedKD,
     check_blank_weight,
     check_same_shape,
+    delay_frames,
     reduce_losses,
     softened_kl,
     upcast_half,
@@ -44,6 +45,8 @@ class CTCFrameKD(SoftenedKD):
         blank_weight: weight of frames where the teacher's argmax is blank (1.0 = no change).
         blank_threshold: drop frames whose teacher blank probability is above this (None = keep).
         reduction: ``"utterance"`` or ``"frame"`` (see above).
+        delay: frames by which the teacher's posteriors are delayed before the comparison
+            (:func:`~asrkd.losses.kd.common.delay_frames`; 0 = none).
     """
 
     def __init__(
@@ -52,10 +55,12 @@ class CTCFrameKD(SoftenedKD):
         blank_weight: float = 1.0,
         blank_threshold: float | None = None,
         reduction: str = "utterance",
+        delay: int = 0,
     ) -> None:
         super().__init__(temperature, reduction)
         self.blank_weight = check_blank_weight(blank_weight)
         self.blank_threshold = None if blank_threshold is None else float(blank_threshold)
+        self.delay = int(delay)
 
     def frame_weights(self, teacher_logits: torch.Tensor) -> torch.Tensor | None:
         """Weights (N,) for teacher logits (N, V) of valid frames; None means all 1."""
@@ -84,7 +89,7 @@ class CTCFrameKD(SoftenedKD):
     @classmethod
     def from_config(cls, config: KDConfig, teacher: E2EASR, student: E2EASR) -> CTCFrameKD:
         return cls(temperature=config.temperature, blank_weight=config.blank_weight,
-                   reduction=config.reduction)
+                   reduction=config.reduction, delay=config.ctc_delay)
 
     def from_outputs(self, student: ASROutput, teacher: ASROutput, targets: torch.Tensor,
                      target_lengths: torch.Tensor) -> torch.Tensor:
@@ -104,7 +109,7 @@ class CTCFrameKD(SoftenedKD):
             Scalar loss.
         """
         check_same_shape(student_logits, teacher_logits, "CTCFrameKD")
-        teacher_logits = teacher_logits.detach()
+        teacher_logits = delay_frames(teacher_logits.detach(), self.delay)
         valid = ~make_pad_mask(lengths.to(student_logits.device), student_logits.shape[1])
         # Select valid frames first: padding never enters any arithmetic.
         student = student_logits[valid]  # (N, V)
