@@ -19,7 +19,13 @@ from asrkd.models.e2e_asr import E2EASR, ModelConfig, build_model, save_checkpoi
 from asrkd.models.encoder import FastConformerConfig, attention_block_mask
 from asrkd.models.frontend import ResNet1D, ResNet1DConfig
 from asrkd.models.presets import get_preset
-from asrkd.streaming import StreamingEncoder, StreamingRecognizer, streaming_problems
+from asrkd.streaming import (
+    StreamingEncoder,
+    StreamingRecognizer,
+    evaluate_streaming,
+    streaming_problems,
+)
+from asrkd.training.pipeline import evaluate
 
 
 def streaming_model(seed: int = 0) -> E2EASR:
@@ -209,3 +215,14 @@ def test_onnx_export_streams_as_the_torch_model_does(tmp_path, capsys):
     (tmp_path / "full.onnx.json").write_text(json.dumps({**sidecar, "streaming": None}))
     with pytest.raises(UserError, match="not the export of a model trained for streaming"):
         OnnxStreamer(tmp_path / "full.onnx")
+
+
+def test_evaluate_streaming_scores_what_one_pass_scores(tiny_corpus):
+    model = streaming_model()
+    manifest = tiny_corpus / "test.jsonl"
+    streamed = evaluate_streaming(model, manifest, chunk_ms=250, threads=1)
+    one_pass = evaluate(model, manifest, method="ctc_greedy", threads=1)
+    assert streamed["utterances"] == one_pass["utterances"] > 0
+    assert (streamed["wer"], streamed["cer"]) == (one_pass["wer"], one_pass["cer"])
+    assert streamed["chunks"] > streamed["utterances"] and streamed["chunk_compute_ms"] > 0
+    assert streamed["encoder_chunk_ms"] == 320 and streamed["chunk_ms"] == 250

@@ -192,7 +192,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     if args.streaming:
         _check_streaming_arguments(args)
-        from asrkd.streaming import StreamingRecognizer
+        from asrkd.streaming import StreamingRecognizer, transcribe_stream
 
         if args.onnx:
             from asrkd.export import OnnxStreamer
@@ -266,11 +266,8 @@ def cmd_infer(args: argparse.Namespace) -> None:
             elif args.streaming:
                 audio = load_audio(path)
                 result = None
-                recognizer.reset()
                 piece = max(1, round(SAMPLE_RATE * chunk_ms / 1000))
-                for offset in range(0, len(audio), piece):
-                    recognizer.accept(audio[offset : offset + piece])
-                text = recognizer.finish()
+                *_, text = transcribe_stream(recognizer, audio, piece)
                 duration = len(audio) / SAMPLE_RATE
                 chunks = recognizer.chunk_seconds
                 extra = {"chunk_ms": chunk_ms, "encoder_chunks": len(chunks),

@@ -249,6 +249,30 @@ def export_onnx(model: E2EASR, out: str | Path, int8: bool = False) -> dict:
     return description
 
 
+def _read_description(path: Path) -> dict:
+    """The ``.json`` sidecar that ``asrkd export`` wrote beside ``path``, checked."""
+    sidecar = Path(f"{path}.json")
+    if not sidecar.is_file():
+        raise FileNotFoundError(f"{sidecar} not found (written by `asrkd export` beside "
+                                f"{path.name})")
+    description = json.loads(sidecar.read_text(encoding="utf-8"))
+    if description.get("format") != FORMAT:
+        raise UserError(f"{sidecar}: not an asrkd ONNX export ({FORMAT})")
+    return description
+
+
+def _sessions(path: Path, graphs: dict[str, str], threads: int) -> dict:
+    """onnxruntime CPU sessions of the graph files named in ``graphs``, beside ``path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    return {name: ort.InferenceSession(str(path.with_name(file)), options,
+                                       providers=["CPUExecutionProvider"])
+            for name, file in graphs.items()}
+
+
 class OnnxASR:
     """Transcribe with exported graphs and onnxruntime alone (no torch model needed).
 
@@ -258,26 +282,11 @@ class OnnxASR:
     """
 
     def __init__(self, path: str | Path, threads: int = 2) -> None:
-        import onnxruntime as ort
-
         path = Path(path)
-        sidecar = Path(f"{path}.json")
-        if not sidecar.is_file():
-            raise FileNotFoundError(f"{sidecar} not found (written by `asrkd export` beside "
-                                    f"{path.name})")
-        self.description = json.loads(sidecar.read_text(encoding="utf-8"))
-        if self.description.get("format") != FORMAT:
-            raise UserError(f"{sidecar}: not an asrkd ONNX export ({FORMAT})")
+        self.description = _read_description(path)
         self.tokenizer = tokenizer_from_dict(self.description["tokenizer"])
         self.sample_rate = int(self.description["sample_rate"])
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self.sessions = {
-            name: ort.InferenceSession(str(path.with_name(file)), options,
-                                       providers=["CPUExecutionProvider"])
-            for name, file in self.description["graphs"].items()
-        }
+        self.sessions = _sessions(path, self.description["graphs"], threads)
 
     @property
     def default_method(self) -> str:
@@ -367,9 +376,6 @@ class OnnxASR:
         return [self.tokenizer.decode(tokens) for tokens in ids]
 
 
-__all__ = ["OnnxASR", "export_onnx"]
-
-
 class OnnxStreamer:
     """The streaming graphs of an export, in the form :class:`asrkd.streaming.StreamingRecognizer`
     runs (``StreamingRecognizer(OnnxStreamer("student.onnx"))``): the same chunk step, caches and
@@ -382,28 +388,15 @@ class OnnxStreamer:
     """
 
     def __init__(self, path: str | Path, threads: int = 2) -> None:
-        import onnxruntime as ort
-
         from asrkd.data.audio_processing import FeatureConfig
 
         path = Path(path)
-        sidecar = Path(f"{path}.json")
-        if not sidecar.is_file():
-            raise FileNotFoundError(f"{sidecar} not found (written by `asrkd export` beside "
-                                    f"{path.name})")
-        description = json.loads(sidecar.read_text(encoding="utf-8"))
+        description = _read_description(path)
         layout = description.get("streaming")
-        if description.get("format") != FORMAT or not layout:
+        if not layout:
             raise UserError(f"{path}: not the export of a model trained for streaming (export "
                             "one whose config passes asrkd.streaming.streaming_problems)")
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = threads
-        options.inter_op_num_threads = 1
-        self._sessions = {
-            name: ort.InferenceSession(str(path.with_name(file)), options,
-                                       providers=["CPUExecutionProvider"])
-            for name, file in layout["graphs"].items()
-        }
+        self._sessions = _sessions(path, layout["graphs"], threads)
         self._layout = layout
         self.tokenizer = tokenizer_from_dict(description["tokenizer"])
         self.features_config = FeatureConfig(**{
@@ -425,3 +418,6 @@ class OnnxStreamer:
         (frames,) = self._sessions["stream_features"].run(
             None, {"padded_audio": padded.numpy().astype(np.float32)})
         return torch.from_numpy(frames)
+
+
+__all__ = ["OnnxASR", "OnnxStreamer", "export_onnx"]
