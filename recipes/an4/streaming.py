@@ -50,8 +50,8 @@ CONFIGS = ROOT / "src" / "asrkd" / "configs" / "presets"
 # The streaming student emits its tokens a median 5 encoder frames (200 ms; 10th-90th
 # percentile 4-6) after the full-context teacher (measured on the validation speakers from the
 # CTC spikes of the streaming student trained without KD, at step 1200, against the teacher's,
-# on the 22 utterances where both transcripts are right), so ctc_kl compares each of its
-# frames with the teacher's frame 5 before (kd.ctc_delay).
+# on the 22 utterances where both transcripts are right; benchmarks/ctc_delay.py), so ctc_kl
+# compares each of its frames with the teacher's frame 5 before (kd.ctc_delay).
 CTC_DELAY = 5
 # name: (recipe stage, preset, overrides). student_kd stages distil from the teacher.
 MODELS = {
