@@ -594,3 +594,8 @@ def test_ctc_kd_delay_compares_each_student_frame_with_an_earlier_teacher_frame(
                                CTCFrameKD()(student, shifted, lengths))
     assert CTCFrameKD(delay=3)(shifted, teacher, lengths).item() < 1e-6  # perfectly delayed
     assert CTCFrameKD()(shifted, teacher, lengths).item() > 0.1
+    from asrkd.errors import ConfigError
+    from asrkd.training.distillation import KDConfig
+
+    with pytest.raises(ConfigError, match="ctc_delay must be >= 0"):
+        KDConfig(ctc_delay=-1)

@@ -204,9 +204,14 @@ def cmd_infer(args: argparse.Namespace) -> None:
             source = load_checkpoint(args.ckpt)
         recognizer = StreamingRecognizer(source)
         chunk_ms = args.chunk_ms or recognizer.chunk_ms
+        piece = max(1, round(SAMPLE_RATE * chunk_ms / 1000))
         method = "ctc_greedy"
         print(f"decoding: {method} (streaming{' ONNX' if args.onnx else ''}: {chunk_ms:g} ms "
               f"pieces of audio, encoder chunks of {recognizer.chunk_ms:g} ms)", file=sys.stderr)
+
+        def transcribe(audio):  # noqa: ANN001, ANN202
+            *_, text = transcribe_stream(recognizer, audio, piece)
+            return text
     elif args.onnx:
         from asrkd.export import OnnxASR
 
@@ -258,20 +263,16 @@ def cmd_infer(args: argparse.Namespace) -> None:
         start = time.perf_counter()
         try:
             extra = {}
-            if args.onnx and not args.streaming:
+            if args.onnx or args.streaming:
                 audio = load_audio(path)
                 result = None
                 text = transcribe(audio)
                 duration = len(audio) / SAMPLE_RATE
-            elif args.streaming:
-                audio = load_audio(path)
-                result = None
-                piece = max(1, round(SAMPLE_RATE * chunk_ms / 1000))
-                *_, text = transcribe_stream(recognizer, audio, piece)
-                duration = len(audio) / SAMPLE_RATE
-                chunks = recognizer.chunk_seconds
-                extra = {"chunk_ms": chunk_ms, "encoder_chunks": len(chunks),
-                         "chunk_compute_ms": round(1000 * sum(chunks) / max(len(chunks), 1), 2)}
+                if args.streaming:
+                    chunks = recognizer.chunk_seconds
+                    extra = {"chunk_ms": chunk_ms, "encoder_chunks": len(chunks),
+                             "chunk_compute_ms": round(1000 * float(np.median(chunks)), 2)
+                             if chunks else 0.0}
             else:
                 result = longform.transcribe(path)
                 text, duration = result.text, result.duration

@@ -629,7 +629,10 @@ class ConformerConvModule(nn.Module):
         """
         x = F.glu(self.pointwise1(x), dim=-1)
         x = x.masked_fill(pad_mask.unsqueeze(-1), 0.0).transpose(1, 2)  # (B, D, T)
-        x = self.depthwise(F.pad(x, self.context))
+        return self._after_depthwise(self.depthwise(F.pad(x, self.context)), pad_mask)
+
+    def _after_depthwise(self, x: torch.Tensor, pad_mask: torch.Tensor | None) -> torch.Tensor:
+        """Norm, Swish and the last pointwise conv: (B, D, T) -> (B, T, D)."""
         if isinstance(self.norm, MaskedBatchNorm1d):
             x = self.norm(x, pad_mask).transpose(1, 2)
         else:
@@ -650,12 +653,7 @@ class ConformerConvModule(nn.Module):
         x = F.glu(self.pointwise1(x), dim=-1).transpose(1, 2)  # (B, D, T)
         x = torch.cat((cache, x), dim=2)
         cache = x[:, :, x.size(2) - self.context[0] :]
-        x = self.depthwise(x)
-        if isinstance(self.norm, MaskedBatchNorm1d):
-            x = self.norm(x).transpose(1, 2)
-        else:
-            x = self.norm(x.transpose(1, 2))
-        return self.pointwise2(F.silu(x)), cache
+        return self._after_depthwise(self.depthwise(x), None), cache
 
 
 class ConformerLayer(nn.Module):

@@ -80,6 +80,8 @@ class KDConfig:
             )
         if self.weights is not None and len(self.weights) != len(self.losses):
             raise ConfigError("kd.weights needs one weight per entry of kd.losses")
+        if self.ctc_delay < 0:
+            raise ConfigError(f"kd.ctc_delay must be >= 0 frames, got {self.ctc_delay}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"kd.alpha must be within [0, 1], got {self.alpha}")
         if self.rnnt_weighting not in RNNT_WEIGHTINGS:
